@@ -1,0 +1,219 @@
+"""The run configuration: one dataclass, parsed from CLI flags and/or a YAML/JSON file, validated up front.
+
+Flag names follow the tutorial this tool grew from (`--model_checkpoint`, `--batch_size`, ...); the modern
+Hugging Face names (`--model_name_or_path`, `--per_device_train_batch_size`, ...) are accepted as aliases.
+
+    python train.py --model_checkpoint bert-base-chinese --train_file train.json ... --do_train
+    python train.py run.yaml                           # everything from a file
+    python train.py --config run.yaml --seed 7         # a file, with flags overriding it
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Literal
+
+import yaml
+from transformers import HfArgumentParser
+
+from .errors import UserError
+
+
+def _arg(default, help, aliases=None):
+    metadata = {"help": help}
+    if aliases:
+        metadata["aliases"] = aliases
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class RunConfig:
+    # --- model -------------------------------------------------------------------------------------
+    model_checkpoint: str | None = _arg(
+        None, "Hub name or local folder of the pretrained encoder (e.g. bert-base-chinese).",
+        ["--model_name_or_path"])
+    model_type: str | None = _arg(
+        None, "Force the architecture when the checkpoint's config lacks a usable model_type "
+              "(hfl/chinese-roberta-wwm-ext is a BERT: pass --model_type bert).")
+    head: Literal["seq", "cls"] = _arg(
+        "seq", "seq: the standard AutoModelForSequenceClassification head (pooler + linear). "
+               "cls: the tutorial's head ([CLS] vector, dropout, linear, no pooler; BERT checkpoints only).")
+    # --- data --------------------------------------------------------------------------------------
+    train_file: str | None = _arg(None, "JSON-lines training pairs.")
+    dev_file: str | None = _arg(None, "JSON-lines dev pairs, evaluated during training.", ["--validation_file"])
+    test_file: str | None = _arg(None, "JSON-lines labelled pairs for --do_test (and --do_predict's default input).")
+    predict_file: str | None = _arg(None, "JSON-lines pairs for --do_predict (labels not needed). Default: --test_file.")
+    sentence1_key: str = _arg("sentence1", "JSON key of the first sentence.")
+    sentence2_key: str = _arg("sentence2", "JSON key of the second sentence.")
+    label_key: str = _arg("label", "JSON key of the label.")
+    id_key: str = _arg("id", "JSON key of the example id (copied into CLUE-format predictions).")
+    label_list: list[str] = _arg(["0", "1"], "The label values; their order gives the class ids.")
+    positive_label: str = _arg("1", "The label whose F1/precision/recall are reported.")
+    max_seq_length: int = _arg(128, "Pairs are truncated to this many tokens, special tokens included.",
+                               ["--max_length"])
+    streaming: bool = _arg(False, "Read --train_file lazily instead of loading it into memory "
+                                  "(for files larger than RAM; shuffled through a buffer).")
+    shuffle_buffer_size: int = _arg(10000, "Shuffle buffer size in --streaming mode.")
+    max_train_samples: int | None = _arg(None, "Use only the first N training pairs (quick runs).")
+    max_eval_samples: int | None = _arg(None, "Use only the first N dev pairs (quick runs).")
+    # --- run ---------------------------------------------------------------------------------------
+    output_dir: str | None = _arg(None, "Where best/, results.json, metrics.jsonl and predictions go.")
+    overwrite_output_dir: bool = _arg(False, "Allow --do_train into a non-empty --output_dir.")
+    do_train: bool = _arg(False, "Fine-tune, evaluate on --dev_file, keep the best model in OUTPUT_DIR/best.")
+    do_test: bool = _arg(False, "Evaluate OUTPUT_DIR/best on the labelled --test_file.")
+    do_predict: bool = _arg(False, "Predict --predict_file (or --test_file) with OUTPUT_DIR/best.")
+    # --- optimisation ------------------------------------------------------------------------------
+    learning_rate: float = _arg(1e-5, "Peak AdamW learning rate.")
+    num_train_epochs: int = _arg(3, "Training epochs.")
+    batch_size: int = _arg(4, "Training batch size per process.", ["--per_device_train_batch_size"])
+    eval_batch_size: int | None = _arg(None, "Evaluation batch size per process (default: --batch_size).",
+                                       ["--per_device_eval_batch_size"])
+    gradient_accumulation_steps: int = _arg(1, "Micro-batches per optimizer step.")
+    max_grad_norm: float = _arg(1.0, "Gradient clipping norm (0 disables clipping).")
+    warmup_proportion: float = _arg(0.0, "Fraction of optimizer steps with linear warm-up.", ["--warmup_ratio"])
+    weight_decay: float = _arg(0.01, "AdamW weight decay (never applied to biases and LayerNorm weights).")
+    adam_beta1: float = _arg(0.9, "AdamW beta1.")
+    adam_beta2: float = _arg(0.999, "AdamW beta2.")
+    adam_epsilon: float = _arg(1e-8, "AdamW epsilon.")
+    seed: int = _arg(42, "Seed for weights, shuffling and dropout: a CPU run with the same seed repeats exactly.")
+    # --- hardware and logging ----------------------------------------------------------------------
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = _arg(
+        None, "Override the precision set by the accelerate config / launcher (fp16 needs a GPU).")
+    cpu: bool = _arg(False, "Run on the CPU even when a GPU is present.")
+    logging_steps: int = _arg(10, "Log loss and learning rate every N optimizer steps.")
+    eval_steps: int | None = _arg(None, "Also evaluate every N optimizer steps (always after each epoch).")
+    report_to: Literal["none", "wandb"] = _arg("none", "Experiment tracker. wandb honours WANDB_MODE=offline.")
+    wandb_project: str = _arg("afqmc-dist", "W&B project name.")
+    run_name: str | None = _arg(None, "Run name shown by the tracker.")
+
+    # ------------------------------------------------------------------------------------------------
+    @property
+    def per_device_eval_batch_size(self) -> int:
+        return self.eval_batch_size or self.batch_size
+
+    @property
+    def predict_input(self) -> str | None:
+        return self.predict_file or self.test_file
+
+    @property
+    def best_model_dir(self) -> str:
+        return os.path.join(self.output_dir, "best")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Raise UserError naming the first flag that is wrong. Called once, before any heavy work."""
+        if not (self.do_train or self.do_test or self.do_predict):
+            raise UserError("nothing to do: pass at least one of --do_train, --do_test, --do_predict")
+        if not self.output_dir:
+            raise UserError("--output_dir is required")
+        needed = []
+        if self.do_train:
+            needed += [("model_checkpoint", self.model_checkpoint, "--do_train"),
+                       ("train_file", self.train_file, "--do_train"), ("dev_file", self.dev_file, "--do_train")]
+        if self.do_test:
+            needed.append(("test_file", self.test_file, "--do_test"))
+        if self.do_predict:
+            needed.append(("predict_file", self.predict_input, "--do_predict"))
+        for name, value, mode in needed:
+            if not value:
+                raise UserError(f"--{name} is required with {mode}")
+        for name in ("train_file", "dev_file", "test_file", "predict_file"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise UserError(f"--{name} {path}: no such file")
+            if path and not os.access(path, os.R_OK):
+                raise UserError(f"--{name} {path}: not readable")
+
+        positive = {
+            "learning_rate": self.learning_rate, "num_train_epochs": self.num_train_epochs,
+            "batch_size": self.batch_size, "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "logging_steps": self.logging_steps, "adam_epsilon": self.adam_epsilon,
+            "shuffle_buffer_size": self.shuffle_buffer_size,
+        }
+        optional_positive = {
+            "eval_batch_size": self.eval_batch_size, "eval_steps": self.eval_steps,
+            "max_train_samples": self.max_train_samples, "max_eval_samples": self.max_eval_samples,
+        }
+        for name, value in {**positive, **{k: v for k, v in optional_positive.items() if v is not None}}.items():
+            if not value > 0:
+                raise UserError(f"--{name} must be > 0, got {value}")
+        if self.max_seq_length < 8:
+            raise UserError(f"--max_seq_length must be at least 8, got {self.max_seq_length}")
+        if not 0.0 <= self.warmup_proportion < 1.0:
+            raise UserError(f"--warmup_proportion must be in [0, 1), got {self.warmup_proportion}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise UserError("--weight_decay and --max_grad_norm must be >= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if len(self.label_list) < 2 or len(set(self.label_list)) != len(self.label_list):
+            raise UserError(f"--label_list needs at least two distinct labels, got {self.label_list}")
+        if self.positive_label not in self.label_list:
+            raise UserError(f"--positive_label {self.positive_label!r} is not in --label_list {self.label_list}")
+        if self.sentence1_key == self.sentence2_key:
+            raise UserError("--sentence1_key and --sentence2_key must differ")
+
+        if self.do_train and os.path.isdir(self.output_dir) and os.listdir(self.output_dir) \
+                and not self.overwrite_output_dir:
+            raise UserError(f"--output_dir {self.output_dir} is not empty: pass --overwrite_output_dir "
+                            "to train into it anyway")
+        if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
+            raise UserError(f"--output_dir {self.output_dir} exists and is not a folder")
+
+
+class _Parser(HfArgumentParser):
+    """HfArgumentParser whose errors are one line (`error: ...`) instead of usage + message."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+def _read_config_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"--config {path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+        except (json.JSONDecodeError, yaml.YAMLError) as e:
+            raise UserError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'YAML'}: "
+                            f"{str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of option names to values")
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    for key in data:
+        if key not in known:
+            raise UserError(f"{path}: unknown option {key!r}")
+    return data
+
+
+def parse_config(argv: list[str] | None = None) -> RunConfig:
+    """Parse flags (and an optional YAML/JSON file given as `--config FILE` or as the only argument), validate.
+
+    Values on the command line override the file's. Raises UserError on any problem.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+        argv = ["--config", argv[0]]
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, rest = pre.parse_known_args(argv)
+
+    parser = _Parser(RunConfig, description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="YAML or JSON file of options; flags given on the command line win.")
+    if known.config:
+        parser.set_defaults(**_read_config_file(known.config))
+    try:
+        cfg = parser.parse_args_into_dataclasses(args=rest)[0]
+    except ValueError as e:  # HfArgumentParser's report of flags no field takes
+        raise UserError(str(e)) from None
+    cfg.validate()
+    return cfg
