@@ -16,7 +16,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 
 from .config import RunConfig, parse_config
-from .data import PairSchema, make_eval_dataloader
+from .data import PairSchema, load_datasets, make_eval_dataloader
 from .errors import UserError
 from .evaluation import classification_metrics, predict
 from .model import build_model_and_tokenizer, count_parameters, load_trained_model
@@ -43,7 +43,7 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     return accelerator
 
 
-def _load_best(cfg, accelerator):
+def _load_best(cfg):
     model, tokenizer = load_trained_model(find_best_dir(cfg.output_dir))
     if list(model.config.id2label.values()) != list(cfg.label_list):
         raise UserError(f"{find_best_dir(cfg.output_dir)} was trained with labels "
@@ -51,32 +51,28 @@ def _load_best(cfg, accelerator):
     return model, tokenizer
 
 
-def run_test(cfg, accelerator, tracker) -> dict:
+def run_test(cfg, accelerator, dataset, tracker) -> dict:
     """Evaluate OUTPUT_DIR/best on the labelled --test_file; write test_results.json."""
-    schema = PairSchema.from_config(cfg)
-    model, tokenizer = _load_best(cfg, accelerator)
-    loader = make_eval_dataloader(cfg.test_file, cfg, tokenizer, schema, require_label=True)
-    model, loader = accelerator.prepare(model, loader)
+    model, tokenizer = _load_best(cfg)
+    model, loader = accelerator.prepare(model, make_eval_dataloader(dataset, cfg, tokenizer))
     preds = predict(model, loader, accelerator)
-    metrics = classification_metrics(preds.pred_ids, preds.labels, schema.label2id[cfg.positive_label])
+    positive_id = PairSchema.from_config(cfg).label2id[cfg.positive_label]
+    metrics = classification_metrics(preds.pred_ids, preds.labels, positive_id)
     results = {f"test_{k}": v for k, v in {**metrics, "loss": preds.loss}.items()}
     if accelerator.is_main_process:
         write_json(os.path.join(cfg.output_dir, "test_results.json"), results)
-    tracker.log_eval(results, step=0, prefix="test")
+    tracker.log(results, step=0, prefix="test")
     accelerator.print(f"test: accuracy {metrics['accuracy']:.4f} f1 {metrics['f1']:.4f} ({metrics['count']} pairs)")
     return results
 
 
-def run_predict(cfg, accelerator) -> None:
+def run_predict(cfg, accelerator, dataset) -> None:
     """Predict every line of --predict_file (default --test_file) with OUTPUT_DIR/best, in input order."""
-    schema = PairSchema.from_config(cfg)
-    model, tokenizer = _load_best(cfg, accelerator)
-    loader = make_eval_dataloader(cfg.predict_input, cfg, tokenizer, schema, require_label=False)
-    examples = loader.dataset.examples
-    model, loader = accelerator.prepare(model, loader)
+    model, tokenizer = _load_best(cfg)
+    model, loader = accelerator.prepare(model, make_eval_dataloader(dataset, cfg, tokenizer))
     preds = predict(model, loader, accelerator)
     if accelerator.is_main_process:
-        for path in write_predictions(cfg.output_dir, examples, preds, cfg.label_list, cfg.id_key):
+        for path in write_predictions(cfg.output_dir, dataset.examples, preds, cfg.label_list, cfg.id_key):
             accelerator.print(f"predict: {len(preds)} lines -> {path}")
     accelerator.wait_for_everyone()
 
@@ -90,6 +86,7 @@ def run(cfg: RunConfig) -> None:
     accelerator.print(f"{accelerator.num_processes} process(es), device {accelerator.device.type}, "
                       f"precision {accelerator.mixed_precision}, distributed {accelerator.distributed_type}")
 
+    datasets = load_datasets(cfg, PairSchema.from_config(cfg))  # every input validated before any real work
     model = tokenizer = None
     run_info = {"num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
                 "global_batch_size": cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps}
@@ -98,14 +95,14 @@ def run(cfg: RunConfig) -> None:
         run_info["num_parameters"] = count_parameters(model)
     tracker = Tracker(accelerator, cfg, run_info)
     if cfg.do_train:
-        best = train(cfg, accelerator, model, tokenizer, tracker)
+        best = train(cfg, accelerator, model, tokenizer, datasets["train"], datasets["dev"], tracker)
         tracker.summarize({f"best_{k}" if not k.startswith("best_") else k: v for k, v in best.items()})
         accelerator.print(f"best: epoch {best['best_epoch']} step {best['best_step']} dev accuracy "
                           f"{best['dev_accuracy']:.4f} f1 {best['dev_f1']:.4f} -> {cfg.best_model_dir}")
     if cfg.do_test:
-        run_test(cfg, accelerator, tracker)
+        run_test(cfg, accelerator, datasets["test"], tracker)
     if cfg.do_predict:
-        run_predict(cfg, accelerator)
+        run_predict(cfg, accelerator, datasets["predict"])
     tracker.finish()
 
 

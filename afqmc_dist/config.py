@@ -20,6 +20,7 @@ from typing import Literal
 
 import yaml
 from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
 
 from .errors import UserError
 
@@ -49,7 +50,7 @@ class RunConfig:
     train_file: str | None = _arg(None, "JSON-lines training pairs.")
     dev_file: str | None = _arg(None, "JSON-lines dev pairs, evaluated during training.", ["--validation_file"])
     test_file: str | None = _arg(None, "JSON-lines labelled pairs for --do_test (and --do_predict's default input).")
-    predict_file: str | None = _arg(None, "JSON-lines pairs for --do_predict (labels not needed). Default: --test_file.")
+    predict_file: str | None = _arg(None, "JSON-lines pairs for --do_predict (no labels needed). Default: --test_file.")
     sentence1_key: str = _arg("sentence1", "JSON key of the first sentence.")
     sentence2_key: str = _arg("sentence2", "JSON key of the second sentence.")
     label_key: str = _arg("label", "JSON key of the label.")
@@ -195,6 +196,34 @@ def _read_config_file(path: str) -> dict:
     return data
 
 
+def _convert_file_values(parser: argparse.ArgumentParser, data: dict, path: str) -> dict:
+    """Give the file's values each option's type and check its choices, as argparse does for flags.
+
+    argparse leaves non-string defaults as they are, and checks no default against `choices`: YAML's
+    `label_list: [0, 1]` would stay numbers (and match no label of the data) and `head: bogus` would pass.
+    """
+    actions = {action.dest: action for action in parser._actions}
+    converted = {}
+    for key, value in data.items():
+        action = actions[key]
+        if value is not None and action.type is not None:
+            multiple = action.nargs in ("+", "*")
+            items = value if multiple and isinstance(value, list) else [value]
+            if action.type is not string_to_bool and any(isinstance(v, bool) for v in items):
+                raise UserError(f"{path}: {key}: {value!r} is not a valid value (YAML reads unquoted yes/no/on/off "
+                                "as true/false: quote it)")
+            try:
+                items = [action.type(v if isinstance(v, (str, bool)) else str(v)) for v in items]
+            except (TypeError, ValueError, argparse.ArgumentTypeError):
+                raise UserError(f"{path}: {key}: invalid value {value!r}") from None
+            value = items if multiple else items[0]
+            if action.choices is not None and value not in action.choices:
+                allowed = ", ".join(repr(c) for c in action.choices)
+                raise UserError(f"{path}: {key}: {value!r} is not one of {allowed}")
+        converted[key] = value
+    return converted
+
+
 def parse_config(argv: list[str] | None = None) -> RunConfig:
     """Parse flags (and an optional YAML/JSON file given as `--config FILE` or as the only argument), validate.
 
@@ -207,10 +236,12 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
     pre.add_argument("--config")
     known, rest = pre.parse_known_args(argv)
 
-    parser = _Parser(RunConfig, description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # allow_abbrev=False: a mistyped flag is an error, not silently taken for a longer one.
+    parser = _Parser(RunConfig, description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                     allow_abbrev=False)
     parser.add_argument("--config", help="YAML or JSON file of options; flags given on the command line win.")
     if known.config:
-        parser.set_defaults(**_read_config_file(known.config))
+        parser.set_defaults(**_convert_file_values(parser, _read_config_file(known.config), known.config))
     try:
         cfg = parser.parse_args_into_dataclasses(args=rest)[0]
     except ValueError as e:  # HfArgumentParser's report of flags no field takes

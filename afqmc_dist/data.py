@@ -10,7 +10,6 @@ UserError("FILE:LINE: what is wrong").
 from __future__ import annotations
 
 import json
-import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -193,30 +192,41 @@ class PairCollator:
         return batch
 
 
-def make_train_dataloader(cfg, tokenizer, schema: PairSchema) -> DataLoader:
-    """The training DataLoader (before `accelerator.prepare`): shuffled, or streamed with --streaming.
+def load_datasets(cfg, schema: PairSchema) -> dict[str, Dataset]:
+    """Read and validate every input file the run needs, before any model is loaded or any step is taken.
+
+    A bad line in the test file then stops the run at once, not after hours of training. Keys: "train" and
+    "dev" with --do_train, "test" with --do_test, "predict" with --do_predict.
+    """
+    datasets: dict[str, Dataset] = {}
+    if cfg.do_train:
+        if cfg.streaming:
+            datasets["train"] = StreamingPairDataset(cfg.train_file, schema, cfg.seed, cfg.shuffle_buffer_size,
+                                                     cfg.max_train_samples)
+        else:
+            datasets["train"] = PairDataset(read_pairs(cfg.train_file, schema, True, cfg.max_train_samples))
+        datasets["dev"] = PairDataset(read_pairs(cfg.dev_file, schema, True, cfg.max_eval_samples))
+    if cfg.do_test:
+        datasets["test"] = PairDataset(read_pairs(cfg.test_file, schema, True))
+    if cfg.do_predict:
+        datasets["predict"] = PairDataset(read_pairs(cfg.predict_input, schema, False))
+    return datasets
+
+
+def make_train_dataloader(dataset: Dataset, cfg, tokenizer) -> DataLoader:
+    """The training DataLoader (before `accelerator.prepare`): shuffled, or in stream order with --streaming.
 
     The loader gets its own seeded generator so that creating its iterator does not draw from the global torch
     RNG (which also drives dropout): the data order and the dropout stream stay independent and repeatable.
     """
     collate = PairCollator(tokenizer, cfg.max_seq_length)
-    if cfg.streaming:
-        dataset = StreamingPairDataset(cfg.train_file, schema, cfg.seed, cfg.shuffle_buffer_size,
-                                       cfg.max_train_samples)
+    if isinstance(dataset, IterableDataset):
         return DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=collate)
-    dataset = PairDataset(read_pairs(cfg.train_file, schema, require_label=True, limit=cfg.max_train_samples))
     return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
                       generator=torch.Generator().manual_seed(cfg.seed))
 
 
-def make_eval_dataloader(path: str, cfg, tokenizer, schema: PairSchema, require_label: bool,
-                         limit: int | None = None) -> DataLoader:
-    """A DataLoader over `path` in file order (dev, test or predict input), before `accelerator.prepare`."""
-    dataset = PairDataset(read_pairs(path, schema, require_label=require_label, limit=limit))
+def make_eval_dataloader(dataset: Dataset, cfg, tokenizer) -> DataLoader:
+    """A DataLoader over `dataset` in file order (dev, test or predict input), before `accelerator.prepare`."""
     return DataLoader(dataset, batch_size=cfg.per_device_eval_batch_size, shuffle=False,
                       collate_fn=PairCollator(tokenizer, cfg.max_seq_length))
-
-
-def batches_per_epoch(num_examples: int, batch_size: int, num_processes: int) -> int:
-    """Batches each process sees per epoch: accelerate pads the last global batch so every rank gets the same."""
-    return math.ceil(num_examples / (batch_size * num_processes))

@@ -20,8 +20,8 @@ from transformers import (
     BertPreTrainedModel,
     PretrainedConfig,
 )
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .errors import UserError
 
@@ -52,7 +52,8 @@ class BertClsPairClassifier(BertPreTrainedModel):
 
 def _load_error(path: str, e: Exception) -> UserError:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return UserError(f"--model_checkpoint {path}: cannot load ({first})")
+    hint = "; if it is a BERT checkpoint, pass --model_type bert" if "model_type" in first else ""
+    return UserError(f"--model_checkpoint {path}: cannot load ({first}){hint}")
 
 
 def load_config(path: str, model_type: str | None, label_list: list[str]) -> PretrainedConfig:

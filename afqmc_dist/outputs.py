@@ -26,8 +26,7 @@ def write_jsonl(path: str, records, indent=None) -> None:
     """Write one JSON document per line through a temporary file and an atomic rename."""
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False, indent=indent) + "\n")
+        f.writelines(json.dumps(record, ensure_ascii=False, indent=indent) + "\n" for record in records)
     os.replace(tmp, path)
 
 

@@ -24,7 +24,7 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 SAMPLE_DIR = Path(__file__).parent / "sample_data"
 
 
-def vocab_from_files(paths: list[str], schema: PairSchema = PairSchema()) -> list[str]:
+def vocab_from_files(paths: list[str], schema: PairSchema | None = None) -> list[str]:
     """A character vocabulary covering every character of the sentences in `paths`.
 
     BERT's Chinese tokenisation splits CJK text into single characters; other characters also get a `##`
@@ -32,7 +32,7 @@ def vocab_from_files(paths: list[str], schema: PairSchema = PairSchema()) -> lis
     """
     chars = set()
     for path in paths:
-        for example in iter_pairs(path, schema, require_label=False):
+        for example in iter_pairs(path, schema or PairSchema(), require_label=False):
             chars.update(example.sentence1.lower() + example.sentence2.lower())
     chars -= set(" \t\r\n")
     ordered = sorted(chars)
@@ -51,7 +51,9 @@ def build_tiny_bert(output_dir: str, vocab: list[str] | None = None, vocab_file:
     import torch
 
     if vocab_file:
-        vocab = Path(vocab_file).read_text(encoding="utf-8").splitlines()
+        # split("\n"), not splitlines(): bert-base-chinese's vocab has entries holding U+2028, which
+        # splitlines() would break in two, shifting every later token id.
+        vocab = Path(vocab_file).read_text(encoding="utf-8").rstrip("\n").split("\n")
     with tempfile.TemporaryDirectory() as tmp:
         vocab_path = os.path.join(tmp, "vocab.txt")
         Path(vocab_path).write_text("\n".join(vocab) + "\n", encoding="utf-8")

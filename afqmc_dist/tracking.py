@@ -26,17 +26,18 @@ class Tracker:
             accelerator.init_trackers(cfg.wandb_project, config={**cfg.to_dict(), **run_info},
                                       init_kwargs={"wandb": wandb_kwargs})
 
-    def log_train(self, values: dict, step: int) -> None:
-        self.accelerator.log({f"train/{k}": v for k, v in values.items()}, step=step)
+    def log(self, values: dict, step: int, prefix: str) -> None:
+        """Send the numbers of `values` to the tracker as `prefix/<name>` (no-op without a tracker)."""
+        numbers = {f"{prefix}/{k}": v for k, v in values.items()
+                   if isinstance(v, (int, float)) and k not in ("epoch", "step")}
+        self.accelerator.log(numbers, step=step)
 
-    def log_eval(self, record: dict, step: int, prefix: str = "dev") -> None:
-        """Append `record` to metrics.jsonl and send its numbers to the tracker as `prefix/<name>`."""
+    def log_eval(self, record: dict, step: int) -> None:
+        """Append a dev evaluation `record` to metrics.jsonl and send it to the tracker."""
         if self.accelerator.is_main_process:
             with open(self.metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
-        numbers = {f"{prefix}/{k}": v for k, v in record.items()
-                   if isinstance(v, (int, float)) and k not in ("epoch", "step")}
-        self.accelerator.log(numbers, step=step)
+        self.log(record, step=step, prefix="dev")
 
     def summarize(self, values: dict) -> None:
         """Put final values (best dev accuracy, ...) in the W&B run summary."""

@@ -32,17 +32,15 @@ def make_optimizer(model, cfg) -> torch.optim.AdamW:
                              eps=cfg.adam_epsilon)
 
 
-def train(cfg, accelerator, model, tokenizer, tracker) -> dict | None:
+def train(cfg, accelerator, model, tokenizer, train_set, dev_set, tracker) -> dict:
     """Fine-tune `model`, evaluating on the dev file after every epoch (and every `cfg.eval_steps`).
 
     Keeps the best model (by dev accuracy) in OUTPUT_DIR/best and its metrics in OUTPUT_DIR/results.json.
     Returns the best record (same on every rank).
     """
-    schema = PairSchema.from_config(cfg)
-    positive_id = schema.label2id[cfg.positive_label]
-    train_loader = make_train_dataloader(cfg, tokenizer, schema)
-    dev_loader = make_eval_dataloader(cfg.dev_file, cfg, tokenizer, schema, require_label=True,
-                                      limit=cfg.max_eval_samples)
+    positive_id = PairSchema.from_config(cfg).label2id[cfg.positive_label]
+    train_loader = make_train_dataloader(train_set, cfg, tokenizer)
+    dev_loader = make_eval_dataloader(dev_set, cfg, tokenizer)
     optimizer = make_optimizer(model, cfg)
     model, optimizer, train_loader, dev_loader = accelerator.prepare(model, optimizer, train_loader, dev_loader)
 
@@ -110,7 +108,8 @@ def train(cfg, accelerator, model, tokenizer, tracker) -> dict | None:
                 rate = samples * accelerator.num_processes / (time.perf_counter() - window_start)
                 lr = scheduler.get_last_lr()[0]
                 progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
-                tracker.log_train({"loss": mean_loss, "learning_rate": lr, "samples_per_second": rate}, step=step)
+                tracker.log({"loss": mean_loss, "learning_rate": lr, "samples_per_second": rate}, step=step,
+                            prefix="train")
                 loss_sum.zero_()
                 micro_batches, samples, window_start = 0, 0, time.perf_counter()
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step % steps_per_epoch != 0:

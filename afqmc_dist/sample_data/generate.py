@@ -1,7 +1,8 @@
 """Regenerate the sample dataset: `python -m afqmc_dist.sample_data.generate`.
 
 Hand-written question paraphrases (written for this project, in AFQMC's style and format), grouped by intent.
-The test split carries ids (as AFQMC's) and labels. A pair of two phrasings of one intent is label "1", a pair across intents label "0", about 31% "1" as in AFQMC.
+The test split carries ids (as AFQMC's) and labels. A pair of two phrasings of one intent is label "1",
+a pair across intents label "0", about 31% "1" as in AFQMC.
 """
 
 import json

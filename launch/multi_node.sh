@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Several nodes: run this once on EVERY node, with the same variables except MACHINE_RANK.
+#
+#   NUM_MACHINES=2 MACHINE_RANK=0 MAIN_PROCESS_IP=10.0.0.1 GPUS_PER_NODE=8 launch/multi_node.sh ...   # node 0
+#   NUM_MACHINES=2 MACHINE_RANK=1 MAIN_PROCESS_IP=10.0.0.1 GPUS_PER_NODE=8 launch/multi_node.sh ...   # node 1
+#
+# MAIN_PROCESS_IP is the address of the rank-0 node, reachable from all others; MAIN_PROCESS_PORT (default
+# 29500) must be free there. Under SLURM see launch/slurm.sbatch, which fills these in.
+# Every argument goes to train.py. Relative paths are resolved from the repo root.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# Check everything BEFORE launching: a node started with a wrong setting would otherwise sit waiting for
+# the rendezvous until it times out, with no hint of what is missing.
+need() {  # need VAR "what it is": exit with one line naming VAR unless it is set and non-empty
+    if [[ -z "${!1:-}" ]]; then echo "multi_node.sh: environment variable $1 is not set ($2)" >&2; exit 2; fi
+}
+need NUM_MACHINES "number of nodes"
+need MACHINE_RANK "this node's rank, 0 .. NUM_MACHINES-1"
+need MAIN_PROCESS_IP "address of the rank-0 node"
+need GPUS_PER_NODE "processes per node, usually its GPU count"
+MAIN_PROCESS_PORT="${MAIN_PROCESS_PORT:-29500}"
+for var in NUM_MACHINES MACHINE_RANK GPUS_PER_NODE MAIN_PROCESS_PORT; do
+    [[ "${!var}" =~ ^[0-9]+$ ]] || { echo "multi_node.sh: $var must be a whole number, got '${!var}'" >&2; exit 2; }
+done
+# accelerate wants the TOTAL number of processes over all nodes, not the per-node count.
+NPROC=$(( NUM_MACHINES * GPUS_PER_NODE ))
+
+exec accelerate launch --config_file accelerate_config.yaml --multi_gpu \
+    --num_machines "$NUM_MACHINES" --machine_rank "$MACHINE_RANK" --num_processes "$NPROC" \
+    --main_process_ip "$MAIN_PROCESS_IP" --main_process_port "$MAIN_PROCESS_PORT" --dynamo_backend no \
+    train.py "$@"

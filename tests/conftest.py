@@ -1,0 +1,130 @@
+"""Shared fixtures: small random BERTs built locally, synthetic and real data files, and a way to run the tool.
+
+No test needs the network: models are built with `afqmc_dist.tiny_model` and loaded through the same
+`from_pretrained` path as hub checkpoints. Tests that need `../shared` (real AFQMC, bert-base-chinese vocab) skip
+when it is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from afqmc_dist.tiny_model import SPECIAL_TOKENS, build_tiny_bert
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+SAMPLE_DIR = ROOT / "afqmc_dist" / "sample_data"
+
+# The synthetic task: sentences of filler characters; label "1" iff both sentences carry the planted token.
+FILLER = list("的了是在我有他这中大来上国个到说们为子和你地出道也时年得就那要下以生会自着去之过家学对可里后")
+PLANTED = "花"
+
+
+def synthetic_pairs(n: int, seed: int) -> list[dict]:
+    """`n` pairs, half positive: "1" iff both sentences contain PLANTED, else it is in one or neither.
+
+    Learnable by a tiny BERT in a short CPU run; chance (and the majority guess) is about 50%.
+    """
+    rng = random.Random(seed)
+
+    def sentence(planted: bool) -> str:
+        chars = rng.choices(FILLER, k=rng.randint(4, 9))
+        if planted:
+            chars.insert(rng.randrange(len(chars) + 1), PLANTED)
+        return "".join(chars)
+
+    rows = []
+    for _ in range(n):
+        positive = rng.random() < 0.5
+        planted = (True, True) if positive else rng.choice([(True, False), (False, True), (False, False)])
+        rows.append({"sentence1": sentence(planted[0]), "sentence2": sentence(planted[1]),
+                     "label": "1" if positive else "0"})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> dict[str, Path]:
+    """train (512 pairs), dev (101 pairs: an odd count, uneven across 2 processes) and test (64) files."""
+    root = tmp_path_factory.mktemp("synthetic")
+    return {
+        "train": write_jsonl(root / "train.json", synthetic_pairs(512, seed=1)),
+        "dev": write_jsonl(root / "dev.json", synthetic_pairs(101, seed=2)),
+        "test": write_jsonl(root / "test.json", synthetic_pairs(64, seed=3)),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A random-weight BERT (hidden 64, 2 layers) whose vocab covers the synthetic task, as an HF folder."""
+    path = tmp_path_factory.mktemp("tiny-bert")
+    vocab = SPECIAL_TOKENS + sorted(set(FILLER + [PLANTED]))
+    build_tiny_bert(str(path), vocab=vocab, hidden_size=64, num_layers=2, num_heads=2, dropout=0.1)
+    return path
+
+
+def run_tool(args: list[str], launcher: list[str] | None = None, env: dict | None = None,
+             timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `train.py` in a fresh process (optionally under `accelerate launch ...`), capturing its output."""
+    command = (launcher or [sys.executable]) + [str(ROOT / "train.py"), *map(str, args)]
+    full_env = {**os.environ, "WANDB_MODE": "disabled", **(env or {})}
+    return subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def accelerate_launch(num_processes: int) -> list[str]:
+    """The launcher that starts `num_processes` real processes on the CPU, connected over gloo."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+            str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(random.randint(20000, 40000))]
+
+
+CPU_ENV = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+
+
+def plain_hf_predict(model_dir: Path, rows: list[dict], batch_size: int = 16) -> list[int]:
+    """Class ids predicted by the saved folder loaded with plain transformers classes, one process, no tool code."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    preds = []
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i:i + batch_size]
+            enc = tokenizer([r["sentence1"] for r in chunk], [r["sentence2"] for r in chunk],
+                            padding=True, truncation=True, max_length=128, return_tensors="pt")
+            preds += model(**enc).logits.argmax(-1).tolist()
+    return preds
+
+
+def train_args(model: Path, data: dict[str, Path], output_dir: Path, *extra) -> list[str]:
+    """Flags for a short synthetic-task run that learns (see test_training.py) with all three phases."""
+    return ["--model_checkpoint", model, "--train_file", data["train"], "--dev_file", data["dev"],
+            "--test_file", data["test"], "--predict_file", data["dev"], "--output_dir", output_dir,
+            "--do_train", "--do_test", "--do_predict", "--learning_rate", "1e-3", "--num_train_epochs", "8",
+            "--batch_size", "16", "--warmup_proportion", "0.1", "--logging_steps", "8", *extra]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_model, synthetic_data, tmp_path_factory):
+    """One single-process train + test + predict (on the dev file) run of the synthetic task: (output_dir, result)."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    result = run_tool(train_args(tiny_model, synthetic_data, out, "--seed", "7"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result

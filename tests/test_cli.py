@@ -1,0 +1,137 @@
+"""The user-facing error contract of `train.py`: exit status 2 and one line `error: WHERE: WHAT` on stderr,
+no traceback, and nothing half-written in the output folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from accelerate.state import AcceleratorState, GradientState
+from conftest import FILLER, PLANTED, run_tool, synthetic_pairs, write_jsonl
+
+from afqmc_dist.cli import main
+from afqmc_dist.tiny_model import SPECIAL_TOKENS, build_tiny_bert
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """`Accelerator` state is a process-wide singleton: forget it after each in-process run."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny-bert-cli")
+    build_tiny_bert(str(path), vocab=SPECIAL_TOKENS + sorted(set(FILLER + [PLANTED])), hidden_size=32,
+                    num_layers=1, num_heads=2)
+    return str(path)
+
+
+@pytest.fixture
+def data(tmp_path) -> dict[str, str]:
+    return {"train": str(write_jsonl(tmp_path / "train.json", synthetic_pairs(16, seed=1))),
+            "dev": str(write_jsonl(tmp_path / "dev.json", synthetic_pairs(8, seed=2))),
+            "output": str(tmp_path / "out")}
+
+
+def train_args(model_dir: str, data: dict, *extra: str) -> list[str]:
+    return ["--model_checkpoint", model_dir, "--train_file", data["train"], "--dev_file", data["dev"],
+            "--output_dir", data["output"], "--do_train", "--num_train_epochs", "1", "--batch_size", "4",
+            "--cpu", *extra]
+
+
+def replace_line(path: str, lineno: int, text: str) -> None:
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    lines[lineno - 1] = text
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def the_error_line(capsys) -> str:
+    """stderr of the run, which must be exactly one line: `error: ...`."""
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, f"expected one line on stderr, got:\n{err}"
+    assert err.startswith("error: ") and err.endswith("\n")
+    return err.rstrip("\n")
+
+
+def last_error_line(stderr: str) -> str:
+    """The error line of a run that may have printed progress bars first: the last line, and the only error."""
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], stderr
+    return lines[-1]
+
+
+def assert_nothing_half_written(output_dir: str) -> None:
+    """No best model and no results, complete or partial (best.tmp, results.json.tmp, ...)."""
+    out = Path(output_dir)
+    leftovers = [p.name for p in out.iterdir() if p.name.startswith(("best", "results"))] if out.is_dir() else []
+    assert leftovers == []
+
+
+LABELLED = {"sentence1": "的了是", "sentence2": "我有他", "label": "1"}
+BAD_DATA = {
+    "not JSON": ("train", 3, '{"sentence1": "的了", "sentence2": ', "not valid JSON"),
+    "missing key": ("train", 3, json.dumps({"sentence1": "的了是", "label": "1"}), "missing key 'sentence2'"),
+    "empty sentence": ("train", 3, json.dumps({**LABELLED, "sentence1": "  "}), "'sentence1' is empty"),
+    "label outside the label set": ("train", 3, json.dumps({**LABELLED, "label": "2"}), "label '2' is not one of"),
+    "bad dev file": ("dev", 5, json.dumps({**LABELLED, "label": 1.5}), "label 1.5 is not one of"),
+}
+
+
+@pytest.mark.parametrize("which, lineno, text, what", BAD_DATA.values(), ids=BAD_DATA.keys())
+def test_bad_data_file_is_one_error_line_naming_file_and_line(model_dir, data, capsys, which, lineno, text, what):
+    replace_line(data[which], lineno, text)
+
+    status = main(train_args(model_dir, data))
+
+    assert status == 2
+    error = last_error_line(capsys.readouterr().err)
+    assert error.startswith(f"error: {data[which]}:{lineno}: ")
+    assert what in error
+    assert_nothing_half_written(data["output"])
+
+
+def test_bad_data_file_error_is_the_only_stderr_output(model_dir, data, capsys):
+    replace_line(data["train"], 3, "not json")
+
+    assert main(train_args(model_dir, data)) == 2
+    assert the_error_line(capsys).startswith(f"error: {data['train']}:3: not valid JSON")
+
+
+def test_bad_flag_is_one_error_line(model_dir, data, tmp_path, capsys):
+    status = main(train_args(model_dir, data, "--learning_rate", "abc"))
+
+    assert status == 2
+    error = the_error_line(capsys)
+    assert "--learning_rate" in error and "abc" in error
+    assert not (tmp_path / "out").exists()  # flags are checked before anything is created
+
+
+def test_unknown_flag_is_one_error_line(model_dir, data, capsys):
+    assert main(train_args(model_dir, data, "--lr", "1e-5")) == 2
+    assert "--lr" in the_error_line(capsys)
+
+
+def test_fp16_on_cpu_is_refused(model_dir, data, capsys):
+    status = main(train_args(model_dir, data, "--mixed_precision", "fp16"))
+
+    assert status == 2
+    error = the_error_line(capsys)
+    assert "fp16" in error and "CPU" in error
+    assert_nothing_half_written(data["output"])
+
+
+def test_train_py_reports_a_bad_train_file_without_traceback(model_dir, data):
+    replace_line(data["train"], 3, "this is not json")
+
+    result = run_tool(train_args(model_dir, data), env={"ACCELERATE_USE_CPU": "1"}, timeout=120)
+
+    assert result.returncode == 2, result.stderr
+    assert last_error_line(result.stderr).startswith(f"error: {data['train']}:3: not valid JSON")
+    assert_nothing_half_written(data["output"])

@@ -1,0 +1,225 @@
+"""The launch layer: accelerate_config.yaml and the wrappers in launch/.
+
+Fast and offline: nothing here starts training. The scripts run against a fake `accelerate` (and fake
+`nvidia-smi`, `srun`, `scontrol`) on a PATH holding only those and a few coreutils, so the tests see the exact
+command line each script would run, from which directory, with which environment, on any machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCH = ROOT / "launch"
+CONFIG = ROOT / "accelerate_config.yaml"
+EXPECTED = ["bf16.sh", "cpu_debug.sh", "cpu_debug_2proc.sh", "fp16.sh", "multi_gpu.sh", "multi_node.sh",
+            "single_gpu.sh", "slurm.sbatch"]
+SCRIPTS = [LAUNCH / name for name in EXPECTED]
+# Arguments for train.py, including ones a careless wrapper would split or drop.
+USER_ARGS = ["--output_dir", "dir with space", "--run_name=a b", "--do_train"]
+MULTI_NODE_ENV = {"NUM_MACHINES": "2", "MACHINE_RANK": "1", "MAIN_PROCESS_IP": "10.0.0.1", "GPUS_PER_NODE": "8"}
+
+
+# --- accelerate_config.yaml -------------------------------------------------------------------------------
+
+def test_config_loads_with_accelerates_own_loader():
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+    from accelerate.utils import DistributedType
+
+    for cfg in (load_config_from_file(str(CONFIG)), ClusterConfig.from_yaml_file(str(CONFIG))):
+        assert isinstance(cfg, ClusterConfig)  # an unknown key would have raised ValueError
+        assert cfg.distributed_type is DistributedType.NO
+        assert cfg.mixed_precision == "no" and isinstance(cfg.mixed_precision, str)
+        assert (cfg.num_processes, cfg.num_machines, cfg.machine_rank, cfg.use_cpu) == (1, 1, 0, False)
+
+
+def test_config_quotes_no_values():
+    """Bare `NO` / `no` are YAML booleans (and accelerate loads False without complaint): they must be strings."""
+    raw = yaml.safe_load(CONFIG.read_text(encoding="utf-8"))
+    assert raw["distributed_type"] == "NO"
+    assert raw["mixed_precision"] == "no"
+    assert raw["downcast_bf16"] == "no"
+
+
+# --- the scripts, statically ------------------------------------------------------------------------------
+
+def test_all_scripts_exist_and_are_executable():
+    assert sorted(p.name for p in LAUNCH.iterdir() if p.suffix in (".sh", ".sbatch")) == EXPECTED
+    for script in SCRIPTS:
+        assert script.stat().st_mode & stat.S_IXUSR, f"{script.name} is not executable"
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_bash_syntax(script):
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_passes_arguments_through_to_train_py(script):
+    text = script.read_text(encoding="utf-8")
+    assert re.search(r'train\.py "\$@"', text), f'{script.name} does not end with train.py "$@"'
+    assert "set -euo pipefail" in text
+    assert "--config_file accelerate_config.yaml" in text
+
+
+# --- the scripts, run against fakes -----------------------------------------------------------------------
+
+FAKE_ACCELERATE = """#!{python}
+import json, os, sys
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(json.dumps({{"argv": sys.argv[1:], "cwd": os.getcwd(),
+                        "env": {{k: os.environ.get(k) for k in ("ACCELERATE_USE_CPU", "OMP_NUM_THREADS")}}}}) + "\\n")
+"""
+FAKE_NVIDIA_SMI = """#!/bin/sh
+for i in 0 1 2 3; do echo "GPU $i: Fake GPU (UUID: GPU-$i)"; done
+"""
+FAKE_SRUN = """#!/bin/sh
+# Run the task once, as node 1 of the allocation: skip srun's own options.
+while [ "${1#--}" != "$1" ]; do shift; done
+export SLURM_NODEID=1
+exec "$@"
+"""
+FAKE_SCONTROL = """#!/bin/sh
+[ "$1 $2" = "show hostnames" ] && printf 'node-a\\nnode-b\\n'
+"""
+
+
+def _write_exe(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(0o755)
+
+
+@pytest.fixture
+def run_script(tmp_path):
+    """Run a launch script with only fakes and basic tools on PATH; return (result, [recorded launches])."""
+
+    def run(name: str, args=USER_ARGS, env=None, gpus=False):
+        bin_dir = tmp_path / ("bin-gpu" if gpus else "bin-cpu")
+        if not bin_dir.exists():
+            bin_dir.mkdir()
+            for tool in ("bash", "dirname", "wc", "head", "cat"):  # no real accelerate / nvidia-smi reachable
+                os.symlink(shutil.which(tool), bin_dir / tool)
+            _write_exe(bin_dir / "accelerate", FAKE_ACCELERATE.format(python=sys.executable))
+            _write_exe(bin_dir / "srun", FAKE_SRUN)
+            _write_exe(bin_dir / "scontrol", FAKE_SCONTROL)
+            if gpus:
+                _write_exe(bin_dir / "nvidia-smi", FAKE_NVIDIA_SMI)
+        log = tmp_path / "launches.jsonl"
+        log.unlink(missing_ok=True)
+        full_env = {"PATH": str(bin_dir), "HOME": str(tmp_path), "FAKE_LOG": str(log), **(env or {})}
+        result = subprocess.run([shutil.which("bash"), str(LAUNCH / name), *args], cwd=tmp_path, env=full_env,
+                                capture_output=True, text=True, timeout=60)
+        launches = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+        return result, launches
+
+    return run
+
+
+def _opt(argv: list[str], flag: str) -> str | None:
+    return argv[argv.index(flag) + 1] if flag in argv else None
+
+
+def _launched_once(result, launches) -> dict:
+    assert result.returncode == 0, result.stderr
+    assert len(launches) == 1
+    launch = launches[0]
+    argv = launch["argv"]
+    assert argv[0] == "launch" and argv[argv.index("train.py") + 1:] == USER_ARGS  # passed through intact
+    assert launch["cwd"] == str(ROOT)  # works from anywhere: the script cd's to the repo root
+    assert _opt(argv, "--config_file") == "accelerate_config.yaml"
+    return launch
+
+
+def test_cpu_debug(run_script):
+    launch = _launched_once(*run_script("cpu_debug.sh"))
+    argv = launch["argv"]
+    assert "--cpu" in argv and "--multi_gpu" not in argv
+    assert (_opt(argv, "--num_processes"), _opt(argv, "--mixed_precision")) == ("1", "no")
+
+
+def test_cpu_debug_2proc(run_script):
+    launch = _launched_once(*run_script("cpu_debug_2proc.sh"))
+    argv = launch["argv"]
+    # FACTS.md: this exact combination is what starts N connected gloo processes on a CPU.
+    assert "--multi_gpu" in argv and "--cpu" not in argv
+    assert [_opt(argv, f) for f in ("--num_processes", "--num_machines", "--mixed_precision", "--dynamo_backend")] \
+        == ["2", "1", "no", "no"]
+    assert launch["env"] == {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+
+
+def test_cpu_debug_2proc_overrides(run_script):
+    launch = _launched_once(*run_script("cpu_debug_2proc.sh", env={"NPROC": "3", "OMP_NUM_THREADS": "4"}))
+    assert _opt(launch["argv"], "--num_processes") == "3"
+    assert launch["env"]["OMP_NUM_THREADS"] == "4"
+
+
+@pytest.mark.parametrize("gpu", [None, "1"])
+def test_single_gpu(run_script, gpu):
+    launch = _launched_once(*run_script("single_gpu.sh", env={"GPU": gpu} if gpu else None, gpus=True))
+    assert _opt(launch["argv"], "--gpu_ids") == (gpu or "0")
+    assert _opt(launch["argv"], "--num_processes") == "1" and "--multi_gpu" not in launch["argv"]
+
+
+@pytest.mark.parametrize("name, precision", [("multi_gpu.sh", None), ("bf16.sh", "bf16"), ("fp16.sh", "fp16")])
+def test_gpu_scripts_use_every_gpu(run_script, name, precision):
+    argv = _launched_once(*run_script(name, gpus=True))["argv"]
+    assert "--multi_gpu" in argv and _opt(argv, "--num_processes") == "4"  # the fake nvidia-smi lists 4
+    assert _opt(argv, "--mixed_precision") == precision
+
+
+def test_multi_gpu_with_one_gpu_runs_a_single_process(run_script):
+    argv = _launched_once(*run_script("multi_gpu.sh", env={"NPROC": "1"}, gpus=True))["argv"]
+    assert "--multi_gpu" not in argv and _opt(argv, "--num_processes") == "1"  # accelerate refuses multi_gpu x1
+
+
+def test_bf16_falls_back_to_cpu(run_script):
+    launch = _launched_once(*run_script("bf16.sh"))
+    assert "--cpu" in launch["argv"] and _opt(launch["argv"], "--mixed_precision") == "bf16"
+
+
+def test_fp16_refuses_cpu_without_launching(run_script):
+    result, launches = run_script("fp16.sh")
+    assert result.returncode != 0 and launches == []
+    assert "bf16" in result.stderr
+
+
+def test_multi_node_computes_total_processes(run_script):
+    argv = _launched_once(*run_script("multi_node.sh", env=MULTI_NODE_ENV))["argv"]
+    assert "--multi_gpu" in argv
+    assert [_opt(argv, f) for f in ("--num_machines", "--machine_rank", "--num_processes", "--main_process_ip",
+                                    "--main_process_port")] == ["2", "1", "16", "10.0.0.1", "29500"]
+
+
+@pytest.mark.parametrize("missing", sorted(MULTI_NODE_ENV))
+def test_multi_node_names_a_missing_variable_before_launching(run_script, missing):
+    env = {k: v for k, v in MULTI_NODE_ENV.items() if k != missing}
+    result, launches = run_script("multi_node.sh", env=env)
+    assert result.returncode != 0
+    assert launches == []  # checked BEFORE accelerate was called: nothing started
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and missing in lines[0] and "is not set" in lines[0], result.stderr
+
+
+def test_multi_node_rejects_non_numeric_counts(run_script):
+    result, launches = run_script("multi_node.sh", env={**MULTI_NODE_ENV, "GPUS_PER_NODE": "eight"})
+    assert result.returncode != 0 and launches == [] and "GPUS_PER_NODE" in result.stderr
+
+
+def test_slurm_sbatch(run_script):
+    env = {"SLURM_SUBMIT_DIR": str(ROOT), "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_NNODES": "2"}
+    argv = _launched_once(*run_script("slurm.sbatch", env=env))["argv"]
+    assert "--multi_gpu" in argv
+    # machine_rank comes from the task's own SLURM_NODEID (1 in the fake srun), not the batch shell's.
+    assert [_opt(argv, f) for f in ("--num_machines", "--machine_rank", "--num_processes", "--main_process_ip",
+                                    "--main_process_port")] == ["2", "1", "16", "node-a", "29500"]
