@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+# Every model here is a local folder: never let a typo turn into a hub request (there is no network).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 from afqmc_dist.tiny_model import SPECIAL_TOKENS, build_tiny_bert
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,13 +99,19 @@ def accelerate_launch(num_processes: int) -> list[str]:
 CPU_ENV = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 
 
-def plain_hf_predict(model_dir: Path, rows: list[dict], batch_size: int = 16) -> list[int]:
+def plain_hf_predict(model_dir: Path, rows: list[dict]) -> list[int]:
     """Class ids predicted by the saved folder loaded with plain transformers classes, one process, no tool code."""
-    import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    return predict_rows(model, AutoTokenizer.from_pretrained(model_dir), rows)
+
+
+def predict_rows(model, tokenizer, rows: list[dict], batch_size: int = 16) -> list[int]:
+    """Class ids `model` predicts for `rows` (dicts with sentence1/sentence2), batched, on one process."""
+    import torch
+
+    model.eval()
     preds = []
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
