@@ -32,7 +32,8 @@ def test_every_dev_pair_is_counted_exactly_once(two_process_run):
 def test_two_process_predictions_match_one_process_on_the_same_weights(two_process_run, synthetic_data):
     dev = read_jsonl(synthetic_data["dev"])
     predicted = read_jsonl(two_process_run / "predictions.jsonl")
-    assert [{k: p[k] for k in ("sentence1", "sentence2", "label")} for p in predicted] == dev, "each line once, in order"
+    inputs = [{k: p[k] for k in ("sentence1", "sentence2", "label")} for p in predicted]
+    assert inputs == dev, "each line once, in order"
     one_process = plain_hf_predict(two_process_run / "best", dev)
     assert [int(p["pred_label"]) for p in predicted] == one_process
     accuracy = sum(p == int(r["label"]) for p, r in zip(one_process, dev)) / len(dev)

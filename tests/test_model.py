@@ -5,12 +5,13 @@ import shutil
 
 import pytest
 import torch
-from afqmc_dist.config import RunConfig
-from afqmc_dist.errors import UserError
-from afqmc_dist.model import BertClsPairClassifier, build_model_and_tokenizer, load_trained_model
 from conftest import predict_rows, read_jsonl, run_tool, train_args
 from safetensors.torch import load_file
 from transformers import BertForSequenceClassification
+
+from afqmc_dist.config import RunConfig
+from afqmc_dist.errors import UserError
+from afqmc_dist.model import BertClsPairClassifier, build_model_and_tokenizer, load_trained_model
 
 
 def test_cls_head_saves_and_reloads_exactly_through_the_projects_loader(tiny_model, synthetic_data, tmp_path):
@@ -20,7 +21,8 @@ def test_cls_head_saves_and_reloads_exactly_through_the_projects_loader(tiny_mod
     best = out / "best"
     assert json.loads((best / "config.json").read_text())["architectures"] == ["BertClsPairClassifier"]
     saved = load_file(best / "model.safetensors")
-    assert "classifier.weight" in saved and not any("pooler" in name for name in saved), "the tutorial head has no pooler"
+    assert "classifier.weight" in saved
+    assert not any("pooler" in name for name in saved), "the tutorial head has no pooler"
 
     model, tokenizer = load_trained_model(str(best))
     assert isinstance(model, BertClsPairClassifier)

@@ -11,7 +11,7 @@ from conftest import ROOT, read_jsonl
 
 def quickstart_commands() -> str:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    block = re.search(r"<!-- quickstart:start -->\s*```bash\n(.*?)```\s*<!-- quickstart:end -->", readme, re.S)
+    block = re.search(r"<!-- quickstart:start -->\s*```bash\n(.*?)```\s*<!-- quickstart:end -->", readme, re.DOTALL)
     assert block, "README.md lost its quick-start block"
     return block.group(1)
 

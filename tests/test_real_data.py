@@ -4,8 +4,9 @@ file gives a complete CLUE submission."""
 import json
 
 import pytest
-from afqmc_dist.tiny_model import build_tiny_bert
 from conftest import SHARED, read_jsonl, run_tool
+
+from afqmc_dist.tiny_model import build_tiny_bert
 
 AFQMC = SHARED / "data" / "afqmc"
 VOCAB = SHARED / "data" / "bert-base-chinese-tokenizer" / "vocab.txt"
