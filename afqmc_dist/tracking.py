@@ -32,12 +32,15 @@ class Tracker:
                    if isinstance(v, (int, float)) and k not in ("epoch", "step")}
         self.accelerator.log(numbers, step=step)
 
-    def log_eval(self, record: dict, step: int) -> None:
-        """Append a dev evaluation `record` to metrics.jsonl and send it to the tracker."""
+    def log_eval(self, metrics: dict, epoch: int, step: int) -> dict:
+        """Record a dev evaluation: a metrics.jsonl line `{"epoch", "step", "dev_<name>": ...}` (returned) and
+        `dev/<name>` values for the tracker."""
+        record = {"epoch": epoch, "step": step, **{f"dev_{k}": v for k, v in metrics.items()}}
         if self.accelerator.is_main_process:
             with open(self.metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
-        self.log(record, step=step, prefix="dev")
+        self.log(metrics, step=step, prefix="dev")
+        return record
 
     def summarize(self, values: dict) -> None:
         """Put final values (best dev accuracy, ...) in the W&B run summary."""

@@ -54,7 +54,7 @@ def train(cfg, accelerator, model, tokenizer, train_set, dev_set, tracker) -> di
         num_training_steps=total_steps * scale))
 
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
-    accelerator.print(f"training: {len(train_loader.dataset)} pairs, {cfg.num_train_epochs} epochs, "
+    accelerator.print(f"training: {len(train_set)} pairs, {cfg.num_train_epochs} epochs, "
                       f"{total_steps} optimizer steps, global batch {global_batch} "
                       f"({cfg.batch_size} per process x {accelerator.num_processes} processes x "
                       f"{cfg.gradient_accumulation_steps} accumulation)")
@@ -66,8 +66,7 @@ def train(cfg, accelerator, model, tokenizer, train_set, dev_set, tracker) -> di
         nonlocal best
         metrics = evaluate(model, dev_loader, accelerator, positive_id)
         model.train()
-        record = {"epoch": epoch, "step": step, **{f"dev_{k}": v for k, v in metrics.items()}}
-        tracker.log_eval(record, step=step)
+        tracker.log_eval(metrics, epoch=epoch, step=step)
         accelerator.print(f"eval epoch {epoch} step {step}: accuracy {metrics['accuracy']:.4f} "
                           f"f1 {metrics['f1']:.4f} loss {metrics['loss']:.4f} ({metrics['count']} pairs)")
         if best is None or metrics["accuracy"] > best["dev_accuracy"]:

@@ -19,7 +19,10 @@ export ACCELERATE_USE_CPU=1
 # Each process would otherwise start one thread per core: NPROC processes would oversubscribe the cores.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 NPROC="${NPROC:-2}"   # --multi_gpu needs at least 2
+# Two debug jobs on one machine need different ports.
+MAIN_PROCESS_PORT="${MAIN_PROCESS_PORT:-29500}"
 
 exec accelerate launch --config_file accelerate_config.yaml --multi_gpu \
     --num_processes "$NPROC" --num_machines 1 --mixed_precision no --dynamo_backend no \
+    --main_process_port "$MAIN_PROCESS_PORT" \
     train.py "$@"

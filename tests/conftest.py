@@ -81,22 +81,17 @@ def tiny_model(tmp_path_factory) -> Path:
     return path
 
 
-def run_tool(args: list[str], launcher: list[str] | None = None, env: dict | None = None,
+def run_tool(args: list[str], script: str | None = None, env: dict | None = None,
              timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run `train.py` in a fresh process (optionally under `accelerate launch ...`), capturing its output."""
-    command = (launcher or [sys.executable]) + [str(ROOT / "train.py"), *map(str, args)]
-    full_env = {**os.environ, "WANDB_MODE": "disabled", **(env or {})}
+    """Run `python train.py ARGS`, or `launch/SCRIPT ARGS` (real `accelerate launch`), in a fresh process.
+
+    W&B is disabled unless `env` says otherwise; the venv running the tests provides `accelerate` on PATH.
+    """
+    args = [str(a) for a in args]
+    command = ["bash", str(ROOT / "launch" / script), *args] if script else [sys.executable, "train.py", *args]
+    full_env = {**os.environ, "WANDB_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                "MAIN_PROCESS_PORT": str(random.randint(20000, 40000)), **(env or {})}
     return subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
-
-
-def accelerate_launch(num_processes: int) -> list[str]:
-    """The launcher that starts `num_processes` real processes on the CPU, connected over gloo."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-            str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(random.randint(20000, 40000))]
-
-
-CPU_ENV = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 
 
 def plain_hf_predict(model_dir: Path, rows: list[dict]) -> list[int]:

@@ -33,10 +33,20 @@ def test_same_seed_gives_the_same_run(trained_run, tiny_model, synthetic_data, t
     assert all((first[k] == second[k]).all() for k in first)
 
 
-def test_gradient_accumulation_counts_optimizer_steps(tiny_model, synthetic_data, tmp_path):
-    """batch 8 x accumulation 2 over 512 pairs = 32 optimizer steps per epoch, like batch 16."""
+def test_gradient_accumulation_counts_optimizer_steps_and_eval_steps_add_evaluations(tiny_model, synthetic_data,
+                                                                                     tmp_path):
+    """batch 8 x accumulation 2 over 512 pairs = 32 optimizer steps per epoch, like batch 16; with --eval_steps 10
+    the dev set is also evaluated at steps 10, 20, 30 (and always at the end of the epoch)."""
     result = run_tool(train_args(tiny_model, synthetic_data, tmp_path / "out", "--batch_size", "8",
-                                 "--gradient_accumulation_steps", "2", "--num_train_epochs", "1"))
+                                 "--gradient_accumulation_steps", "2", "--num_train_epochs", "1", "--eval_steps", "10"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "32 optimizer steps, global batch 16 (8 per process x 1 processes x 2 accumulation)" in result.stdout
-    assert json.loads((tmp_path / "out" / "results.json").read_text())["best_step"] == 32
+    assert [r["step"] for r in read_jsonl(tmp_path / "out" / "metrics.jsonl")] == [10, 20, 30, 32]
+
+
+def test_bf16_on_the_cpu_through_the_launch_script(tiny_model, synthetic_data, tmp_path):
+    """launch/bf16.sh falls back to the CPU here, where bf16 autocast really runs; the model still learns."""
+    result = run_tool(train_args(tiny_model, synthetic_data, tmp_path / "out"), script="bf16.sh")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 process(es), device cpu, precision bf16" in result.stdout
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["dev_accuracy"] >= 0.9
