@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 from .config import RunConfig, parse_config
 from .data import PairSchema, load_datasets, make_eval_dataloader
 from .errors import UserError
-from .evaluation import classification_metrics, predict
+from .evaluation import Predictions, classification_metrics, predict
 from .model import build_model_and_tokenizer, count_parameters, load_trained_model
 from .outputs import find_best_dir, write_json, write_predictions
 from .tracking import Tracker
@@ -27,35 +27,39 @@ from .training import train
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
     """The Accelerator for this run; precision comes from --mixed_precision, else the launcher/config."""
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision,
-        cpu=cfg.cpu,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        log_with="wandb" if cfg.report_to == "wandb" else None,
-        # Seedable sampler: the shuffle of epoch e depends only on (seed, e), on every rank.
-        # No dispatching: with --streaming every process reads the file and keeps its share of each batch.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed,
-                                                  dispatch_batches=False),
-    )
+    try:
+        accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            cpu=cfg.cpu,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            log_with="wandb" if cfg.report_to == "wandb" else None,
+            # Seedable sampler: the shuffle of epoch e depends only on (seed, e), on every rank.
+            # No dispatching: with --streaming every process reads the file and keeps its share of each batch.
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed,
+                                                      dispatch_batches=False),
+        )
+    except ValueError as e:  # e.g. bf16 asked of a device without it
+        raise UserError(f"accelerate cannot set up this run: {e}") from None
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise UserError("fp16 mixed precision was requested but this run is on the CPU, where fp16 does "
                         "nothing; use --mixed_precision bf16 (or no)")
     return accelerator
 
 
-def _load_best(cfg):
-    model, tokenizer = load_trained_model(find_best_dir(cfg.output_dir))
-    if list(model.config.id2label.values()) != list(cfg.label_list):
-        raise UserError(f"{find_best_dir(cfg.output_dir)} was trained with labels "
-                        f"{list(model.config.id2label.values())}, but --label_list is {cfg.label_list}")
-    return model, tokenizer
+def predict_with_best(cfg, accelerator, dataset) -> Predictions:
+    """Load OUTPUT_DIR/best and predict `dataset` with it on every rank (gathered, in dataset order)."""
+    best_dir = find_best_dir(cfg.output_dir)
+    model, tokenizer = load_trained_model(best_dir)
+    trained_labels = list(model.config.id2label.values())
+    if trained_labels != list(cfg.label_list):
+        raise UserError(f"{best_dir} was trained with labels {trained_labels}, but --label_list is {cfg.label_list}")
+    model, loader = accelerator.prepare(model, make_eval_dataloader(dataset, cfg, tokenizer))
+    return predict(model, loader, accelerator)
 
 
 def run_test(cfg, accelerator, dataset, tracker) -> dict:
     """Evaluate OUTPUT_DIR/best on the labelled --test_file; write test_results.json."""
-    model, tokenizer = _load_best(cfg)
-    model, loader = accelerator.prepare(model, make_eval_dataloader(dataset, cfg, tokenizer))
-    preds = predict(model, loader, accelerator)
+    preds = predict_with_best(cfg, accelerator, dataset)
     positive_id = PairSchema.from_config(cfg).label2id[cfg.positive_label]
     metrics = classification_metrics(preds.pred_ids, preds.labels, positive_id)
     results = {f"test_{k}": v for k, v in {**metrics, "loss": preds.loss}.items()}
@@ -68,9 +72,7 @@ def run_test(cfg, accelerator, dataset, tracker) -> dict:
 
 def run_predict(cfg, accelerator, dataset) -> None:
     """Predict every line of --predict_file (default --test_file) with OUTPUT_DIR/best, in input order."""
-    model, tokenizer = _load_best(cfg)
-    model, loader = accelerator.prepare(model, make_eval_dataloader(dataset, cfg, tokenizer))
-    preds = predict(model, loader, accelerator)
+    preds = predict_with_best(cfg, accelerator, dataset)
     if accelerator.is_main_process:
         for path in write_predictions(cfg.output_dir, dataset.examples, preds, cfg.label_list, cfg.id_key):
             accelerator.print(f"predict: {len(preds)} lines -> {path}")
@@ -89,13 +91,16 @@ def run(cfg: RunConfig) -> None:
     datasets = load_datasets(cfg, PairSchema.from_config(cfg))  # every input validated before any real work
     model = tokenizer = None
     run_info = {"num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
-                "global_batch_size": cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps}
+                "global_batch_size": cfg.global_batch_size(accelerator.num_processes)}
     if cfg.do_train:
         model, tokenizer = build_model_and_tokenizer(cfg)
         run_info["num_parameters"] = count_parameters(model)
     tracker = Tracker(accelerator, cfg, run_info)
     if cfg.do_train:
         best = train(cfg, accelerator, model, tokenizer, datasets["train"], datasets["dev"], tracker)
+        # Drop the training model and optimizer state before test/predict load the best model.
+        model = None
+        accelerator.free_memory()
         tracker.summarize({f"best_{k}" if not k.startswith("best_") else k: v for k, v in best.items()})
         accelerator.print(f"best: epoch {best['best_epoch']} step {best['best_step']} dev accuracy "
                           f"{best['dev_accuracy']:.4f} f1 {best['dev_f1']:.4f} -> {cfg.best_model_dir}")

@@ -103,6 +103,10 @@ class RunConfig:
     def predict_input(self) -> str | None:
         return self.predict_file or self.test_file
 
+    def global_batch_size(self, num_processes: int) -> int:
+        """Pairs per optimizer step: per-process batch x processes x accumulation."""
+        return self.batch_size * num_processes * self.gradient_accumulation_steps
+
     @property
     def best_model_dir(self) -> str:
         return os.path.join(self.output_dir, "best")

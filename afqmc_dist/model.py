@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 
-import torch
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -100,6 +99,5 @@ def load_trained_model(path: str):
     return model_cls.from_pretrained(path), AutoTokenizer.from_pretrained(path)
 
 
-@torch.no_grad()
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -13,21 +13,33 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 
 BEST_DIR = "best"
 
 
-def write_json(path: str, obj) -> None:
-    """Write `obj` as JSON through a temporary file and an atomic rename."""
-    write_jsonl(path, [obj], indent=2)
-
-
-def write_jsonl(path: str, records, indent=None) -> None:
-    """Write one JSON document per line through a temporary file and an atomic rename."""
+@contextmanager
+def atomic_open(path: str):
+    """Open `path` for writing through `path.tmp`, renamed over `path` only if the block completes."""
     tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(record, ensure_ascii=False, indent=indent) + "\n" for record in records)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str, obj) -> None:
+    with atomic_open(path) as f:
+        json.dump(obj, f, ensure_ascii=False, indent=2)
+
+
+def write_jsonl(path: str, records) -> None:
+    """One JSON document per line, streamed (predictions of a large file are never one big string)."""
+    with atomic_open(path) as f:
+        f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
 
 
 def replace_dir(tmp: str, final: str) -> None:

@@ -19,6 +19,8 @@ class Tracker:
         self.accelerator = accelerator
         self.metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
         self.use_wandb = cfg.report_to == "wandb"
+        if cfg.do_train and accelerator.is_main_process and os.path.exists(self.metrics_path):
+            os.remove(self.metrics_path)  # a new training run starts a new history (--overwrite_output_dir)
         if self.use_wandb:
             wandb_kwargs = {"name": cfg.run_name}
             if not os.environ.get("WANDB_DIR"):

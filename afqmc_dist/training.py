@@ -18,7 +18,7 @@ from .data import PairSchema, make_eval_dataloader, make_train_dataloader
 from .evaluation import evaluate
 from .outputs import save_best_model, write_json
 
-NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+NO_DECAY = ("bias", "LayerNorm.weight", "norm.weight")  # suffixes of parameter names
 
 
 def make_optimizer(model, cfg) -> torch.optim.AdamW:
@@ -53,9 +53,8 @@ def train(cfg, accelerator, model, tokenizer, train_set, dev_set, tracker) -> di
         "linear", optimizer, num_warmup_steps=int(cfg.warmup_proportion * total_steps) * scale,
         num_training_steps=total_steps * scale))
 
-    global_batch = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
     accelerator.print(f"training: {len(train_set)} pairs, {cfg.num_train_epochs} epochs, "
-                      f"{total_steps} optimizer steps, global batch {global_batch} "
+                      f"{total_steps} optimizer steps, global batch {cfg.global_batch_size(accelerator.num_processes)} "
                       f"({cfg.batch_size} per process x {accelerator.num_processes} processes x "
                       f"{cfg.gradient_accumulation_steps} accumulation)")
 

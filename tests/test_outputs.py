@@ -3,9 +3,10 @@
 import json
 import os
 
+import pytest
 from conftest import plain_hf_predict, read_jsonl
 
-from afqmc_dist.outputs import find_best_dir, replace_dir
+from afqmc_dist.outputs import find_best_dir, replace_dir, write_jsonl
 
 
 def test_best_model_is_a_complete_hugging_face_folder(trained_run):
@@ -67,3 +68,17 @@ def test_replacing_the_best_folder_never_leaves_it_half_written(tmp_path):
     # A crash between the two renames leaves only the previous complete folder, which is then used.
     os.replace(best, tmp_path / "best.old")
     assert find_best_dir(str(tmp_path)) == str(tmp_path / "best.old")
+
+
+def test_a_file_write_that_fails_leaves_neither_the_file_nor_a_temporary(tmp_path):
+    target = tmp_path / "predictions.jsonl"
+
+    def rows():
+        yield {"id": 0}
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        write_jsonl(str(target), rows())
+    assert os.listdir(tmp_path) == []
+    write_jsonl(str(target), [{"id": 0}, {"id": 1}])
+    assert read_jsonl(target) == [{"id": 0}, {"id": 1}] and os.listdir(tmp_path) == ["predictions.jsonl"]
