@@ -173,6 +173,11 @@ class RunConfig:
                             "to train into it anyway")
         if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
             raise UserError(f"--output_dir {self.output_dir} exists and is not a folder")
+        existing = os.path.abspath(self.output_dir)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+            raise UserError(f"--output_dir {self.output_dir} cannot be created: {existing} is not a writable folder")
 
 
 class _Parser(HfArgumentParser):

@@ -7,3 +7,9 @@ class UserError(Exception):
     The message must say where (file:line, or the flag) and what is wrong; no traceback is shown.
     Raise it from checks that every rank performs identically, so the main process can speak for all.
     """
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (library errors can run to many lines), or its type name."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -22,7 +22,7 @@ from transformers import (
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 
 class BertClsPairClassifier(BertPreTrainedModel):
@@ -41,7 +41,7 @@ class BertClsPairClassifier(BertPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None):
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,
                            token_type_ids=token_type_ids).last_hidden_state  # [B, T, H]
         logits = self.classifier(self.dropout(hidden[:, 0]))  # [B, num_labels]
@@ -50,9 +50,8 @@ class BertClsPairClassifier(BertPreTrainedModel):
 
 
 def _load_error(path: str, e: Exception) -> UserError:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    hint = "; if it is a BERT checkpoint, pass --model_type bert" if "model_type" in first else ""
-    return UserError(f"--model_checkpoint {path}: cannot load ({first}){hint}")
+    hint = "; if it is a BERT checkpoint, pass --model_type bert" if "model_type" in first_line(e) else ""
+    return UserError(f"--model_checkpoint {path}: cannot load ({first_line(e)}){hint}")
 
 
 def load_config(path: str, model_type: str | None, label_list: list[str]) -> PretrainedConfig:
@@ -69,21 +68,45 @@ def load_config(path: str, model_type: str | None, label_list: list[str]) -> Pre
         raise _load_error(path, e) from None
 
 
+HEAD_WEIGHTS = ("classifier", "score", "pooler")  # parts of a model a pretrained encoder need not have
+
+
+def check_model_fits(model, tokenizer, max_seq_length: int, where: str) -> None:
+    """Refuse a tokenizer/model pair that would silently train on garbage or fail mid-run."""
+    if len(tokenizer) <= len(tokenizer.all_special_tokens):
+        raise UserError(f"{where}: the tokenizer has only {len(tokenizer)} tokens: the folder lacks its "
+                        "tokenizer files (tokenizer.json or vocab.txt)")
+    if len(tokenizer) > model.config.vocab_size:
+        raise UserError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model only "
+                        f"{model.config.vocab_size} embeddings")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and max_seq_length > positions:
+        raise UserError(f"--max_seq_length {max_seq_length} exceeds the {positions} positions of {where}")
+
+
 def build_model_and_tokenizer(cfg):
     """The model to fine-tune (encoder weights from `cfg.model_checkpoint`, new classifier) and its tokenizer."""
     path = cfg.model_checkpoint
     config = load_config(path, cfg.model_type, cfg.label_list)
+    if cfg.head == "cls" and config.model_type != "bert":
+        raise UserError(f"--head cls needs a BERT checkpoint, {path} is {config.model_type!r} "
+                        "(use --head seq, or --model_type bert if it is a BERT)")
+    model_cls = BertClsPairClassifier if cfg.head == "cls" else AutoModelForSequenceClassification
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, config=config)
-        if cfg.head == "cls":
-            if config.model_type != "bert":
-                raise UserError(f"--head cls needs a BERT checkpoint, {path} is {config.model_type!r} "
-                                "(use --head seq, or --model_type bert if it is a BERT)")
-            model = BertClsPairClassifier.from_pretrained(path, config=config)
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
+        model, info = model_cls.from_pretrained(path, config=config, output_loading_info=True)
+    except RuntimeError as e:  # a fine-tuned checkpoint whose classifier has another number of labels
+        if "mismatched_sizes" not in str(e):
+            raise
+        raise UserError(f"--model_checkpoint {path} already has a classifier, for another number of labels than "
+                        f"the {len(cfg.label_list)} of --label_list: start from the base checkpoint") from None
     except (OSError, ValueError) as e:
         raise _load_error(path, e) from None
+    missing = [key for key in info["missing_keys"] if not any(part in key for part in HEAD_WEIGHTS)]
+    if missing:
+        raise UserError(f"--model_checkpoint {path}: {len(missing)} encoder weights are not in the checkpoint "
+                        f"(e.g. {missing[0]}); is --model_type right?")
+    check_model_fits(model, tokenizer, cfg.max_seq_length, f"--model_checkpoint {path}")
     return model, tokenizer
 
 
@@ -92,12 +115,11 @@ def load_trained_model(path: str):
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise UserError(f"{path}: no trained model here (missing config.json); run --do_train first")
-    with open(config_file, encoding="utf-8") as f:
-        architectures = json.load(f).get("architectures") or []
-    model_cls = BertClsPairClassifier if BertClsPairClassifier.__name__ in architectures \
-        else AutoModelForSequenceClassification
-    return model_cls.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            architectures = json.load(f).get("architectures") or []
+        model_cls = BertClsPairClassifier if BertClsPairClassifier.__name__ in architectures \
+            else AutoModelForSequenceClassification
+        return model_cls.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise UserError(f"{path}: cannot load the trained model ({first_line(e)})") from None

@@ -16,6 +16,7 @@ import shutil
 from contextlib import contextmanager
 
 BEST_DIR = "best"
+RUN_FILES = ("results.json", "metrics.jsonl", "test_results.json", "predictions.jsonl", "afqmc_predict.json")
 
 
 @contextmanager
@@ -40,6 +41,19 @@ def write_jsonl(path: str, records) -> None:
     """One JSON document per line, streamed (predictions of a large file are never one big string)."""
     with atomic_open(path) as f:
         f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+
+
+def prepare_output_dir(output_dir: str, fresh: bool) -> None:
+    """Create OUTPUT_DIR. With `fresh` (a training run), first remove what an earlier run of this tool left there
+    (best/, results, metrics, predictions), so no stale file sits beside the new model. Main process only."""
+    os.makedirs(output_dir, exist_ok=True)
+    if fresh:
+        for name in RUN_FILES:
+            path = os.path.join(output_dir, name)
+            if os.path.exists(path):
+                os.remove(path)
+        for name in (BEST_DIR, f"{BEST_DIR}.old", f"{BEST_DIR}.tmp"):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
 def replace_dir(tmp: str, final: str) -> None:

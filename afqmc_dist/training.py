@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .data import PairSchema, make_eval_dataloader, make_train_dataloader
+from .data import make_eval_dataloader, make_train_dataloader
 from .evaluation import evaluate
 from .outputs import save_best_model, write_json
 
@@ -32,13 +32,12 @@ def make_optimizer(model, cfg) -> torch.optim.AdamW:
                              eps=cfg.adam_epsilon)
 
 
-def train(cfg, accelerator, model, tokenizer, train_set, dev_set, tracker) -> dict:
+def train(cfg, accelerator, model, tokenizer, train_set, dev_set, positive_id: int, tracker) -> dict:
     """Fine-tune `model`, evaluating on the dev file after every epoch (and every `cfg.eval_steps`).
 
     Keeps the best model (by dev accuracy) in OUTPUT_DIR/best and its metrics in OUTPUT_DIR/results.json.
-    Returns the best record (same on every rank).
+    `positive_id` is the class whose F1 is reported. Returns the best record (same on every rank).
     """
-    positive_id = PairSchema.from_config(cfg).label2id[cfg.positive_label]
     train_loader = make_train_dataloader(train_set, cfg, tokenizer)
     dev_loader = make_eval_dataloader(dev_set, cfg, tokenizer)
     optimizer = make_optimizer(model, cfg)
@@ -62,7 +61,7 @@ def train(cfg, accelerator, model, tokenizer, train_set, dev_set, tracker) -> di
     step = 0
 
     def evaluate_and_keep_best(epoch: int) -> None:
-        nonlocal best
+        nonlocal best, window_start
         metrics = evaluate(model, dev_loader, accelerator, positive_id)
         model.train()
         tracker.log_eval(metrics, epoch=epoch, step=step)
@@ -75,6 +74,7 @@ def train(cfg, accelerator, model, tokenizer, train_set, dev_set, tracker) -> di
                     "dev_recall": metrics["recall"], "dev_loss": metrics["loss"], "eval_count": metrics["count"]}
             if accelerator.is_main_process:
                 write_json(f"{cfg.output_dir}/results.json", best)
+        window_start = time.perf_counter()  # training throughput excludes evaluation and saving
 
     progress = tqdm(total=total_steps, desc="train", unit="step", disable=not accelerator.is_local_main_process)
     # The loss stays on the device between log points: reading it every step would stall the GPU each step.
@@ -106,8 +106,7 @@ def train(cfg, accelerator, model, tokenizer, train_set, dev_set, tracker) -> di
                 rate = samples * accelerator.num_processes / (time.perf_counter() - window_start)
                 lr = scheduler.get_last_lr()[0]
                 progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
-                tracker.log({"loss": mean_loss, "learning_rate": lr, "samples_per_second": rate}, step=step,
-                            prefix="train")
+                tracker.log({"loss": mean_loss, "learning_rate": lr, "samples_per_second": rate}, "train", step)
                 loss_sum.zero_()
                 micro_batches, samples, window_start = 0, 0, time.perf_counter()
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step % steps_per_epoch != 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,13 @@ def tiny_model(tmp_path_factory) -> Path:
     return path
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now, for the rendezvous of a multi-process launch."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_tool(args: list[str], script: str | None = None, env: dict | None = None,
              timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `python train.py ARGS`, or `launch/SCRIPT ARGS` (real `accelerate launch`), in a fresh process.
@@ -90,7 +98,7 @@ def run_tool(args: list[str], script: str | None = None, env: dict | None = None
     args = [str(a) for a in args]
     command = ["bash", str(ROOT / "launch" / script), *args] if script else [sys.executable, "train.py", *args]
     full_env = {**os.environ, "WANDB_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-                "MAIN_PROCESS_PORT": str(random.randint(20000, 40000)), **(env or {})}
+                "MAIN_PROCESS_PORT": str(free_port()), **(env or {})}
     return subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -68,10 +68,8 @@ def last_error_line(stderr: str) -> str:
 
 
 def assert_nothing_half_written(output_dir: str) -> None:
-    """No best model and no results, complete or partial (best.tmp, results.json.tmp, ...)."""
-    out = Path(output_dir)
-    leftovers = [p.name for p in out.iterdir() if p.name.startswith(("best", "results"))] if out.is_dir() else []
-    assert leftovers == []
+    """Inputs are checked before anything is written: the output folder was not even created."""
+    assert not Path(output_dir).exists()
 
 
 LABELLED = {"sentence1": "的了是", "sentence2": "我有他", "label": "1"}
@@ -135,3 +133,36 @@ def test_train_py_reports_a_bad_train_file_without_traceback(model_dir, data):
     assert result.returncode == 2, result.stderr
     assert last_error_line(result.stderr).startswith(f"error: {data['train']}:3: not valid JSON")
     assert_nothing_half_written(data["output"])
+
+
+def test_test_or_predict_without_a_trained_model_says_so(data, tmp_path, capsys):
+    test_file = write_jsonl(tmp_path / "test.json", synthetic_pairs(4, seed=3))
+    status = main(["--test_file", str(test_file), "--output_dir", data["output"], "--do_test", "--cpu"])
+
+    assert status == 2
+    assert the_error_line(capsys) == f"error: {data['output']}/best: no trained model here; run --do_train first"
+    assert_nothing_half_written(data["output"])
+
+
+def test_testing_with_other_labels_than_the_model_was_trained_with_is_refused(trained_run, tmp_path, capsys):
+    out, _ = trained_run
+    test_file = write_jsonl(tmp_path / "test.json", [{"sentence1": "的了", "sentence2": "是在", "label": "b"}])
+    status = main(["--test_file", str(test_file), "--output_dir", str(out), "--do_test", "--label_list", "a", "b",
+                   "--positive_label", "b", "--cpu"])
+
+    assert status == 2
+    error = the_error_line(capsys)
+    assert "was trained with labels ['0', '1'], but --label_list is ['a', 'b']" in error
+    assert not (out / "test_results.json").read_text().count('"b"')  # the earlier results are untouched
+
+
+def test_wandb_without_a_login_or_offline_mode_is_one_clear_error(model_dir, data, tmp_path, monkeypatch, capsys):
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+
+    assert main(train_args(model_dir, data, "--report_to", "wandb")) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: --report_to wandb: W&B did not start") and "WANDB_MODE=offline" in error
+    assert not (Path(data["output"]) / "best").exists()

@@ -271,3 +271,10 @@ def test_empty_existing_output_dir_is_fine(files, tmp_path):
 
 def test_every_field_has_help():
     assert all(f.metadata.get("help") for f in dataclasses.fields(RunConfig))
+
+
+def test_an_output_dir_that_cannot_be_created_is_refused_up_front(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(UserError, match=r"--output_dir .*/out cannot be created: .*a-file is not a writable folder"):
+        parse_config(["--do_predict", "--test_file", str(blocker), "--output_dir", str(blocker / "out")])

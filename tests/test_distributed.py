@@ -80,9 +80,21 @@ def test_one_progress_bar_and_one_wandb_run_holding_the_results(two_process_run)
     assert summary["best_dev_accuracy"] == results["dev_accuracy"]
     assert summary["best_step"] == results["best_step"]
     assert config["num_processes"] == 2 and config["global_batch_size"] == 32 and config["learning_rate"] == 1e-3
-    logged = [set(row) for row in history]
-    assert sum("train/loss" in keys and "train/learning_rate" in keys for keys in logged) == 16  # 128 steps / 8
-    assert sum("dev/accuracy" in keys and "dev/f1" in keys for keys in logged) == 8  # one per epoch
+    assert sum("train/loss" in row for row in history) == 16  # 128 steps, logged every 8
+    assert sum("dev/accuracy" in row and "dev/f1" in row for row in history) == 8  # one per epoch
+    test = json.loads((out / "test_results.json").read_text())
+    assert summary["test/accuracy"] == test["test_accuracy"]
+
+
+def test_learning_rate_follows_the_linear_schedule_under_two_processes(two_process_run):
+    """accelerate steps a prepared scheduler once per process per optimizer step: the horizon must account for it.
+    128 optimizer steps, warm-up 10% (12 steps), peak 1e-3, linear decay to 0 at step 128."""
+    out, _ = two_process_run
+    (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    lr = {row["_step"]: row["train/learning_rate"] for row in read_run(run_file)[2] if "train/learning_rate" in row}
+    assert lr[8] == pytest.approx(1e-3 * 8 / 12)
+    assert lr[16] == pytest.approx(1e-3 * (128 - 16) / (128 - 12))
+    assert lr[128] == 0
 
 
 def test_streaming_training_shards_the_stream_across_two_processes(tiny_model, synthetic_data, tmp_path):

@@ -64,3 +64,38 @@ def test_model_type_bert_loads_the_encoder_weights_with_bert_classes(config_with
 def test_missing_checkpoint_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match=r"--model_checkpoint .*nowhere: cannot load"):
         build_model_and_tokenizer(RunConfig(model_checkpoint=str(tmp_path / "nowhere")))
+
+
+def test_a_checkpoint_without_tokenizer_files_is_refused(tiny_model, tmp_path):
+    """AutoTokenizer would quietly build a 5-token tokenizer and the run would train on [UNK]s."""
+    weights_only = tmp_path / "weights-only"
+    weights_only.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model / name, weights_only / name)
+    with pytest.raises(UserError, match="lacks its tokenizer files"):
+        build_model_and_tokenizer(RunConfig(model_checkpoint=str(weights_only)))
+
+
+def test_a_model_type_that_does_not_fit_the_weights_is_refused(tiny_model):
+    with pytest.raises(UserError, match=r"encoder weights are not in the checkpoint .*is --model_type right\?"):
+        build_model_and_tokenizer(RunConfig(model_checkpoint=str(tiny_model), model_type="gpt2"))
+
+
+def test_max_seq_length_beyond_the_models_positions_is_refused(tiny_model):
+    with pytest.raises(UserError, match="--max_seq_length 1024 exceeds the 512 positions"):
+        build_model_and_tokenizer(RunConfig(model_checkpoint=str(tiny_model), max_seq_length=1024))
+
+
+def test_a_fine_tuned_checkpoint_with_another_label_count_is_refused(trained_run):
+    out, _ = trained_run
+    cfg = RunConfig(model_checkpoint=str(out / "best"), label_list=["0", "1", "2"])
+    with pytest.raises(UserError, match="already has a classifier, for another number of labels"):
+        build_model_and_tokenizer(cfg)
+
+
+def test_an_incomplete_trained_model_folder_is_one_clear_error(tiny_model, tmp_path):
+    broken = tmp_path / "best"
+    broken.mkdir()
+    shutil.copy(tiny_model / "config.json", broken / "config.json")
+    with pytest.raises(UserError, match="cannot load the trained model"):
+        load_trained_model(str(broken))
