@@ -2,7 +2,7 @@
 
 `predict` runs on every rank over a prepared (sharded) DataLoader and returns the predictions for the WHOLE
 dataset, in dataset order, on every rank: metrics are then exact whatever the number of processes, and every
-rank reaches the same decisions (best model, early stopping) from the same numbers.
+rank reaches the same decisions (such as "is this the best model?") from the same numbers.
 """
 
 from __future__ import annotations
@@ -58,9 +58,10 @@ def predict(model, dataloader, accelerator) -> Predictions:
             indices.append(index.cpu())
             probs.append(logits.softmax(dim=-1).cpu())
 
-    order = torch.cat(indices).argsort()
+    all_indices = torch.cat(indices)
+    order = all_indices.argsort()
     expected = len(dataloader.dataset)
-    if not torch.equal(torch.cat(indices)[order], torch.arange(expected)):
+    if not torch.equal(all_indices[order], torch.arange(expected)):
         raise RuntimeError(f"gathered predictions do not cover the {expected} examples exactly once")
     all_labels = torch.cat(labels)[order] if labels else None
     mean_loss = torch.cat(losses).mean().item() if losses else None
