@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-# Why this odd combination (measured, see FACTS.md):
+# Why this odd combination (measured with accelerate 1.15):
 # - `accelerate launch --cpu --num_processes 2` starts ONE process (its multi-CPU path needs mpirun);
 # - `--multi_gpu` starts NPROC processes through torchrun, but without ACCELERATE_USE_CPU=1 on a GPU-less
 #   machine they are unconnected single processes. With it, they join one gloo process group.
