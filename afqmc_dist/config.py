@@ -22,7 +22,7 @@ import yaml
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 
 def _arg(default, help, aliases=None):
@@ -195,7 +195,7 @@ def _read_config_file(path: str) -> dict:
             data = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
         except (json.JSONDecodeError, yaml.YAMLError) as e:
             raise UserError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'YAML'}: "
-                            f"{str(e).splitlines()[0]}") from None
+                            f"{first_line(e)}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of option names to values")
     known = {f.name for f in dataclasses.fields(RunConfig)}
