@@ -10,7 +10,6 @@ test (OUTPUT_DIR/best on --test_file) -> predict (OUTPUT_DIR/best on --predict_f
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -19,10 +18,10 @@ from accelerate.utils import set_seed
 
 from .config import RunConfig, parse_config
 from .data import PairSchema, load_datasets, make_eval_dataloader
-from .errors import UserError, first_line
+from .errors import UserError
 from .evaluation import classification_metrics, predict
-from .model import build_model_and_tokenizer, check_model_fits, load_trained_model
-from .outputs import find_best_dir, prepare_output_dir, write_json, write_predictions
+from .model import build_model_and_tokenizer, check_model_fits, load_trained_config, load_trained_model
+from .outputs import TEST_RESULTS, find_best_dir, prepare_output_dir, write_json, write_predictions
 from .tracking import Tracker
 from .training import train
 
@@ -51,15 +50,8 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
 def check_trained_model(cfg) -> None:
     """Before test/predict without training: OUTPUT_DIR/best exists and was trained with --label_list."""
     best_dir = find_best_dir(cfg.output_dir)
-    config_file = os.path.join(best_dir, "config.json")
-    if not os.path.isfile(config_file):
-        raise UserError(f"{cfg.best_model_dir}: no trained model here; run --do_train first")
-    try:
-        with open(config_file, encoding="utf-8") as f:
-            id2label = json.load(f).get("id2label", {})
-    except ValueError as e:
-        raise UserError(f"{config_file}: not valid JSON ({first_line(e)})") from None
-    trained_labels = [id2label[i] for i in sorted(id2label, key=int)]
+    id2label = load_trained_config(best_dir).id2label
+    trained_labels = [id2label[i] for i in sorted(id2label)]
     if trained_labels != list(cfg.label_list):
         raise UserError(f"{best_dir} was trained with labels {trained_labels}, but --label_list is {cfg.label_list}")
 
@@ -77,7 +69,7 @@ def run_test(cfg, accelerator, model, tokenizer, dataset, positive_id: int, trac
     preds = predict(model, accelerator.prepare(make_eval_dataloader(dataset, cfg, tokenizer)), accelerator)
     metrics = {**classification_metrics(preds.pred_ids, preds.labels, positive_id), "loss": preds.loss}
     if accelerator.is_main_process:
-        write_json(os.path.join(cfg.output_dir, "test_results.json"), {f"test_{k}": v for k, v in metrics.items()})
+        write_json(os.path.join(cfg.output_dir, TEST_RESULTS), {f"test_{k}": v for k, v in metrics.items()})
     tracker.log(metrics, prefix="test", summary=True)
     accelerator.print(f"test: accuracy {metrics['accuracy']:.4f} f1 {metrics['f1']:.4f} ({metrics['count']} pairs)")
     return metrics

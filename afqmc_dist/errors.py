@@ -5,7 +5,7 @@ class UserError(Exception):
     """A problem with the user's input. `train.py` prints it as one line and exits with status 2.
 
     The message must say where (file:line, or the flag) and what is wrong; no traceback is shown.
-    Raise it from checks that every rank performs identically, so the main process can speak for all.
+    Under several processes every rank that raises it prints its own `[rank N] error: ...` line.
     """
 
 

@@ -7,7 +7,6 @@ cross-entropy when `labels` are given; `logits` are `[B, num_labels]`.
 
 from __future__ import annotations
 
-import json
 import os
 
 from torch import nn
@@ -110,16 +109,22 @@ def build_model_and_tokenizer(cfg):
     return model, tokenizer
 
 
+def load_trained_config(path: str) -> PretrainedConfig:
+    """The config of a folder written by this tool (OUTPUT_DIR/best): its labels and which head it has."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"{path}: no trained model here; run --do_train first")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot load the trained model ({first_line(e)})") from None
+
+
 def load_trained_model(path: str):
     """Load a folder written by this tool (OUTPUT_DIR/best), with whichever head it was trained with."""
-    config_file = os.path.join(path, "config.json")
-    if not os.path.isfile(config_file):
-        raise UserError(f"{path}: no trained model here (missing config.json); run --do_train first")
+    config = load_trained_config(path)
+    model_cls = BertClsPairClassifier if BertClsPairClassifier.__name__ in (config.architectures or []) \
+        else AutoModelForSequenceClassification
     try:
-        with open(config_file, encoding="utf-8") as f:
-            architectures = json.load(f).get("architectures") or []
-        model_cls = BertClsPairClassifier if BertClsPairClassifier.__name__ in architectures \
-            else AutoModelForSequenceClassification
-        return model_cls.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        return model_cls.from_pretrained(path, config=config), AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot load the trained model ({first_line(e)})") from None

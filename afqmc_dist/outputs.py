@@ -16,7 +16,9 @@ import shutil
 from contextlib import contextmanager
 
 BEST_DIR = "best"
-RUN_FILES = ("results.json", "metrics.jsonl", "test_results.json", "predictions.jsonl", "afqmc_predict.json")
+RESULTS, METRICS, TEST_RESULTS = "results.json", "metrics.jsonl", "test_results.json"
+PREDICTIONS, CLUE_PREDICTIONS = "predictions.jsonl", "afqmc_predict.json"
+RUN_FILES = (RESULTS, METRICS, TEST_RESULTS, PREDICTIONS, CLUE_PREDICTIONS)
 
 
 @contextmanager
@@ -103,12 +105,12 @@ def write_predictions(output_dir: str, examples, preds, label_list, id_key: str)
     """
     pred_ids = preds.pred_ids.tolist()
     pred_probs = preds.probs.max(dim=-1).values.tolist()
-    path = os.path.join(output_dir, "predictions.jsonl")
+    path = os.path.join(output_dir, PREDICTIONS)
     write_jsonl(path, ({**e.raw, "pred_label": label_list[p], "pred_prob": round(prob, 6)}
                        for e, p, prob in zip(examples, pred_ids, pred_probs, strict=True)))
     written = [path]
     if all(id_key in e.raw for e in examples):
-        clue = os.path.join(output_dir, "afqmc_predict.json")
+        clue = os.path.join(output_dir, CLUE_PREDICTIONS)
         write_jsonl(clue, ({"id": e.raw[id_key], "label": label_list[p]} for e, p in zip(examples, pred_ids)))
         written.append(clue)
     return written

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from transformers import BertConfig, BertModel, BertTokenizer
@@ -54,11 +53,8 @@ def build_tiny_bert(output_dir: str, vocab: list[str] | None = None, vocab_file:
         # split("\n"), not splitlines(): bert-base-chinese's vocab has entries holding U+2028, which
         # splitlines() would break in two, shifting every later token id.
         vocab = Path(vocab_file).read_text(encoding="utf-8").rstrip("\n").split("\n")
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab_path = os.path.join(tmp, "vocab.txt")
-        Path(vocab_path).write_text("\n".join(vocab) + "\n", encoding="utf-8")
-        # BertTokenizer(vocab=...) takes the file; `vocab_file=` would silently build a 5-token vocab.
-        tokenizer = BertTokenizer(vocab=vocab_path)
+    # BertTokenizer(vocab=...) takes the token -> id map; `vocab_file=` would silently build a 5-token vocab.
+    tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)})
     config = BertConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
         num_attention_heads=num_heads, intermediate_size=intermediate_size or 4 * hidden_size,

@@ -14,6 +14,7 @@ import os
 from accelerate.utils import broadcast_object_list
 
 from .errors import UserError, first_line
+from .outputs import METRICS
 
 
 class Tracker:
@@ -21,7 +22,7 @@ class Tracker:
 
     def __init__(self, accelerator, cfg, run_info: dict):
         self.accelerator = accelerator
-        self.metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        self.metrics_path = os.path.join(cfg.output_dir, METRICS)
         self.use_wandb = cfg.report_to == "wandb"
         self.last_step = 0
         if self.use_wandb:

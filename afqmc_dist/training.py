@@ -8,6 +8,7 @@ so every rank enters the same collectives in the same order.
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import torch
@@ -16,7 +17,7 @@ from transformers import get_scheduler
 
 from .data import make_eval_dataloader, make_train_dataloader
 from .evaluation import evaluate
-from .outputs import save_best_model, write_json
+from .outputs import RESULTS, save_best_model, write_json
 
 NO_DECAY = ("bias", "LayerNorm.weight", "norm.weight")  # suffixes of parameter names
 
@@ -73,7 +74,7 @@ def train(cfg, accelerator, model, tokenizer, train_set, dev_set, positive_id: i
                     "dev_f1": metrics["f1"], "dev_precision": metrics["precision"],
                     "dev_recall": metrics["recall"], "dev_loss": metrics["loss"], "eval_count": metrics["count"]}
             if accelerator.is_main_process:
-                write_json(f"{cfg.output_dir}/results.json", best)
+                write_json(os.path.join(cfg.output_dir, RESULTS), best)
         window_start = time.perf_counter()  # training throughput excludes evaluation and saving
 
     progress = tqdm(total=total_steps, desc="train", unit="step", disable=not accelerator.is_local_main_process)
