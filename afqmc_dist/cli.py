@@ -12,16 +12,26 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 
+from .checkpoints import (
+    check_compatible,
+    check_free_space,
+    estimate_checkpoint_bytes,
+    read_state,
+    resolve_resume,
+    run_fingerprint,
+)
 from .config import RunConfig, parse_config
-from .data import PairSchema, load_datasets, make_eval_dataloader
-from .errors import UserError
-from .evaluation import classification_metrics, predict
+from .data import PairSchema, encode_datasets, load_datasets, make_eval_dataloader
+from .errors import TrainingStopped, UserError
+from .evaluation import evaluate, predict
 from .model import build_model_and_tokenizer, check_model_fits, load_trained_config, load_trained_model
-from .outputs import TEST_RESULTS, find_best_dir, prepare_output_dir, write_json, write_predictions
+from .outputs import RESULTS, RUN_CONFIG, TEST_RESULTS, find_best_dir, prepare_output_dir, write_json, write_predictions
+from .summary import git_commit, run_summary
 from .tracking import Tracker
 from .training import train
 
@@ -66,8 +76,8 @@ def load_best_model(cfg, accelerator):
 
 def run_test(cfg, accelerator, model, tokenizer, dataset, positive_id: int, tracker) -> dict:
     """Evaluate the best model on the labelled --test_file; write test_results.json."""
-    preds = predict(model, accelerator.prepare(make_eval_dataloader(dataset, cfg, tokenizer)), accelerator)
-    metrics = {**classification_metrics(preds.pred_ids, preds.labels, positive_id), "loss": preds.loss}
+    loader = accelerator.prepare(make_eval_dataloader(dataset, cfg, tokenizer, accelerator))
+    metrics = evaluate(model, loader, accelerator, positive_id, desc="test")
     if accelerator.is_main_process:
         write_json(os.path.join(cfg.output_dir, TEST_RESULTS), {f"test_{k}": v for k, v in metrics.items()})
     tracker.log(metrics, prefix="test", summary=True)
@@ -75,16 +85,33 @@ def run_test(cfg, accelerator, model, tokenizer, dataset, positive_id: int, trac
     return metrics
 
 
-def run_predict(cfg, accelerator, model, tokenizer, dataset) -> None:
+def run_predict(cfg, accelerator, model, tokenizer, dataset, tracker) -> list[str]:
     """Predict every line of --predict_file (default --test_file) with the best model, in input order."""
-    preds = predict(model, accelerator.prepare(make_eval_dataloader(dataset, cfg, tokenizer)), accelerator)
+    loader = accelerator.prepare(make_eval_dataloader(dataset, cfg, tokenizer, accelerator))
+    preds = predict(model, loader, accelerator, desc="predict")
+    tracker.log({"samples_per_second": preds.samples_per_second, "count": len(preds)}, prefix="predict")
+    written = []
     if accelerator.is_main_process:
-        for path in write_predictions(cfg.output_dir, dataset.examples, preds, cfg.label_list, cfg.id_key):
-            accelerator.print(f"predict: {len(preds)} lines -> {path}")
+        written = write_predictions(cfg.output_dir, dataset.examples, preds, cfg.label_list, cfg.id_key)
     accelerator.wait_for_everyone()
+    return written
+
+
+def prepare_resume(cfg, model, accelerator) -> tuple[str | None, str | None]:
+    """The checkpoint to resume from (None: start fresh) and its W&B run id, after checking that it belongs to
+    this run (same model, data, global batch, ...)."""
+    path = resolve_resume(cfg) if cfg.resume_from_checkpoint else None
+    if cfg.resume_from_checkpoint == "latest" and path is None:
+        accelerator.print(f"--resume_from_checkpoint latest: no checkpoint in {cfg.output_dir} yet, starting afresh")
+    if path is None:
+        return None, None
+    state = read_state(path)
+    check_compatible(path, state.fingerprint, run_fingerprint(cfg, model, accelerator.num_processes))
+    return path, state.wandb_run_id
 
 
 def run(cfg: RunConfig) -> None:
+    started = time.time()
     # --- setup: everything that can be wrong with the inputs is found before anything is written ---
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
@@ -96,50 +123,72 @@ def run(cfg: RunConfig) -> None:
     if not cfg.do_train:
         check_trained_model(cfg)
     run_info = {"num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
-                "global_batch_size": cfg.global_batch_size(accelerator.num_processes)}
+                "global_batch_size": cfg.global_batch_size(accelerator.num_processes), "git_commit": git_commit()}
+    resume_from = wandb_id = None
     if cfg.do_train:
         # The main process downloads a hub checkpoint first; the others then read it from the cache.
         with accelerator.main_process_first():
             model, tokenizer = build_model_and_tokenizer(cfg)
         run_info["num_parameters"] = model.num_parameters()
+        needed = estimate_checkpoint_bytes(model.num_parameters())
+        check_free_space(cfg.output_dir, needed if cfg.checkpointing_steps else needed // 4)
+        resume_from, wandb_id = prepare_resume(cfg, model, accelerator)
+        encode_datasets({k: datasets[k] for k in ("train", "dev")}, tokenizer, cfg, accelerator)
+        if cfg.torch_compile:
+            model.compile()  # in place: parameter names (and so saved checkpoints) stay those of the model
     if accelerator.is_main_process:
-        prepare_output_dir(cfg.output_dir, fresh=cfg.do_train)
+        prepare_output_dir(cfg.output_dir, fresh=cfg.do_train and not resume_from)
+        write_json(os.path.join(cfg.output_dir, RUN_CONFIG), {**cfg.to_dict(), **run_info})
     accelerator.wait_for_everyone()
-    tracker = Tracker(accelerator, cfg, run_info)
+    tracker = Tracker(accelerator, cfg, run_info, resume_id=wandb_id)
 
     # --- train ---
+    summary = {}
     if cfg.do_train:
-        best = train(cfg, accelerator, model, tokenizer, datasets["train"], datasets["dev"], positive_id, tracker)
-        tracker.summarize({k if k.startswith("best_") else f"best_{k}": v for k, v in best.items()})
-        accelerator.print(f"best: epoch {best['best_epoch']} step {best['best_step']} dev accuracy "
-                          f"{best['dev_accuracy']:.4f} f1 {best['dev_f1']:.4f} -> {cfg.best_model_dir}")
+        fingerprint = run_fingerprint(cfg, model, accelerator.num_processes)
+        summary = train(cfg, accelerator, model, tokenizer, datasets["train"], datasets["dev"], positive_id,
+                        tracker, fingerprint, resume_from)
+        if accelerator.is_main_process:
+            write_json(os.path.join(cfg.output_dir, RESULTS), summary)
+        tracker.summarize({k if k.startswith("best_") else f"best_{k}": v for k, v in summary.items()})
         # Drop the training model and optimizer state before the best model is loaded.
         model = None
         accelerator.free_memory()
 
     # --- test and predict, with the best model loaded once ---
+    written = []
     if cfg.do_test or cfg.do_predict:
         model, tokenizer = load_best_model(cfg, accelerator)
+        encode_datasets({k: datasets[k] for k in ("test", "predict") if k in datasets}, tokenizer, cfg, accelerator)
         if cfg.do_test:
-            run_test(cfg, accelerator, model, tokenizer, datasets["test"], positive_id, tracker)
+            summary.update({f"test_{k}": v for k, v in
+                            run_test(cfg, accelerator, model, tokenizer, datasets["test"], positive_id,
+                                     tracker).items()})
         if cfg.do_predict:
-            run_predict(cfg, accelerator, model, tokenizer, datasets["predict"])
+            written = run_predict(cfg, accelerator, model, tokenizer, datasets["predict"], tracker)
 
     # --- cleanup ---
+    if cfg.do_train and cfg.wandb_log_model:
+        tracker.log_model(cfg.output_dir, name=f"{cfg.run_name or 'afqmc'}-best")
     tracker.finish()
+    accelerator.print(run_summary(cfg, summary, written, time.time() - started))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the tool; return the exit status (2 for a user error, printed as one `error:` line).
+    """Run the tool; return the exit status (see errors.py): 2 for a user error, printed as one `error:` line.
 
     Under several processes every rank that fails prints its line, prefixed with its rank, so an error seen by
     one rank only (a node-local path, say) is never silent.
     """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    prefix = f"[rank {os.environ.get('RANK', '0')}] " if world_size > 1 else ""
     try:
         run(parse_config(argv))
     except UserError as e:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        prefix = f"[rank {os.environ.get('RANK', '0')}] " if world_size > 1 else ""
         print(f"{prefix}error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
     return 0

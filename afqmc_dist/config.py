@@ -24,6 +24,8 @@ from transformers.hf_argparser import string_to_bool
 
 from .errors import UserError, first_line
 
+DEFAULT_EVAL_BATCH = 64
+
 
 def _arg(default, help, aliases=None):
     metadata = {"help": help}
@@ -64,18 +66,39 @@ class RunConfig:
     shuffle_buffer_size: int = _arg(10000, "Shuffle buffer size in --streaming mode.")
     max_train_samples: int | None = _arg(None, "Use only the first N training pairs (quick runs).")
     max_eval_samples: int | None = _arg(None, "Use only the first N dev pairs (quick runs).")
+    group_by_length: bool = _arg(True, "Training batches of similar lengths (shuffled mega-batches sorted by length: "
+                                       "little padding, still a fresh random order every epoch).")
+    cache_dir: str | None = _arg(None, "Where tokenised files are cached (default: $XDG_CACHE_HOME/afqmc_dist or "
+                                       "~/.cache/afqmc_dist); 'none' disables the cache.")
     # --- run ---------------------------------------------------------------------------------------
     output_dir: str | None = _arg(None, "Where best/, results.json, metrics.jsonl and predictions go.")
     overwrite_output_dir: bool = _arg(False, "Allow --do_train into a non-empty --output_dir.")
     do_train: bool = _arg(False, "Fine-tune, evaluate on --dev_file, keep the best model in OUTPUT_DIR/best.")
     do_test: bool = _arg(False, "Evaluate OUTPUT_DIR/best on the labelled --test_file.")
     do_predict: bool = _arg(False, "Predict --predict_file (or --test_file) with OUTPUT_DIR/best.")
+    # --- checkpoints and fault tolerance -------------------------------------------------------------
+    checkpointing_steps: str | None = _arg(
+        None, "Save the full training state to OUTPUT_DIR/checkpoints/step_N every N optimizer steps, or "
+              "'epoch' for the end of every epoch.")
+    save_total_limit: int | None = _arg(None, "Keep only the newest K checkpoints (best/ is never deleted).")
+    resume_from_checkpoint: str | None = _arg(
+        None, "A checkpoint folder, or 'latest' for the newest complete one in OUTPUT_DIR/checkpoints "
+              "(a fresh start when there is none yet, so a requeued job can always pass it).")
+    early_stopping_patience: int | None = _arg(
+        None, "Stop after this many evaluations in a row without a dev-accuracy gain of at least "
+              "--early_stopping_threshold.")
+    early_stopping_threshold: float = _arg(0.0, "Minimum dev-accuracy gain that counts as an improvement.")
+    skip_nonfinite_loss: bool = _arg(
+        False, "Skip optimizer steps whose loss is NaN/inf instead of stopping the run (costs a host sync "
+               "per step).")
     # --- optimisation ------------------------------------------------------------------------------
     learning_rate: float = _arg(1e-5, "Peak AdamW learning rate.")
     num_train_epochs: int = _arg(3, "Training epochs.")
     batch_size: int = _arg(4, "Training batch size per process.", ["--per_device_train_batch_size"])
-    eval_batch_size: int | None = _arg(None, "Evaluation batch size per process (default: --batch_size).",
-                                       ["--per_device_eval_batch_size"])
+    eval_batch_size: int | None = _arg(
+        None, f"Evaluation/prediction batch size per process (default: the larger of --batch_size and "
+              f"{DEFAULT_EVAL_BATCH}; eval batches are sorted by length, so big ones waste little).",
+        ["--per_device_eval_batch_size"])
     gradient_accumulation_steps: int = _arg(1, "Micro-batches per optimizer step.")
     max_grad_norm: float = _arg(1.0, "Gradient clipping norm (0 disables clipping).")
     warmup_proportion: float = _arg(0.0, "Fraction of optimizer steps with linear warm-up.", ["--warmup_ratio"])
@@ -88,16 +111,26 @@ class RunConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] | None = _arg(
         None, "Override the precision set by the accelerate config / launcher (fp16 needs a GPU).")
     cpu: bool = _arg(False, "Run on the CPU even when a GPU is present.")
+    pad_to_multiple_of: int | None = _arg(
+        None, "Pad batches to a multiple of this length (default: 8 on a GPU with mixed precision, where "
+              "tensor cores want it; 1 otherwise).")
+    dataloader_num_workers: int = _arg(0, "Background DataLoader workers (batches are pre-tokenised: 0-2 is enough).")
+    torch_compile: bool = _arg(False, "Compile the model with torch.compile (inductor).")
     logging_steps: int = _arg(10, "Log loss and learning rate every N optimizer steps.")
     eval_steps: int | None = _arg(None, "Also evaluate every N optimizer steps (always after each epoch).")
     report_to: Literal["none", "wandb"] = _arg("none", "Experiment tracker. wandb honours WANDB_MODE=offline.")
     wandb_project: str = _arg("afqmc-dist", "W&B project name.")
+    wandb_entity: str | None = _arg(None, "W&B entity (user or team); default: your W&B default.")
+    wandb_group: str | None = _arg(None, "W&B group, e.g. to put the runs of a sweep together.")
+    wandb_tags: list[str] = _arg([], "W&B tags.")
+    wandb_log_model: bool = _arg(False, "Upload OUTPUT_DIR/best to W&B as a model artifact at the end.")
+    require_tracker: bool = _arg(False, "Stop the run if W&B cannot start (default: say why and log locally).")
     run_name: str | None = _arg(None, "Run name shown by the tracker.")
 
     # ------------------------------------------------------------------------------------------------
     @property
     def per_device_eval_batch_size(self) -> int:
-        return self.eval_batch_size or self.batch_size
+        return self.eval_batch_size or max(self.batch_size, DEFAULT_EVAL_BATCH)
 
     @property
     def predict_input(self) -> str | None:
@@ -110,6 +143,12 @@ class RunConfig:
     @property
     def best_model_dir(self) -> str:
         return os.path.join(self.output_dir, "best")
+
+    @property
+    def checkpoint_interval(self) -> int | None:
+        """--checkpointing_steps as a number of optimizer steps (None: never, or only at epoch ends)."""
+        return int(self.checkpointing_steps) if self.checkpointing_steps and self.checkpointing_steps.isdigit() \
+            else None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -147,6 +186,8 @@ class RunConfig:
         optional_positive = {
             "eval_batch_size": self.eval_batch_size, "eval_steps": self.eval_steps,
             "max_train_samples": self.max_train_samples, "max_eval_samples": self.max_eval_samples,
+            "save_total_limit": self.save_total_limit, "early_stopping_patience": self.early_stopping_patience,
+            "pad_to_multiple_of": self.pad_to_multiple_of,
         }
         for name, value in {**positive, **{k: v for k, v in optional_positive.items() if v is not None}}.items():
             if not value > 0:
@@ -166,11 +207,22 @@ class RunConfig:
             raise UserError(f"--positive_label {self.positive_label!r} is not in --label_list {self.label_list}")
         if self.sentence1_key == self.sentence2_key:
             raise UserError("--sentence1_key and --sentence2_key must differ")
+        if self.dataloader_num_workers < 0 or self.early_stopping_threshold < 0:
+            raise UserError("--dataloader_num_workers and --early_stopping_threshold must be >= 0")
+        if self.checkpointing_steps is not None and self.checkpointing_steps != "epoch" \
+                and not (self.checkpointing_steps.isdigit() and int(self.checkpointing_steps) > 0):
+            raise UserError(f"--checkpointing_steps must be a number of steps > 0 or 'epoch', "
+                            f"got {self.checkpointing_steps!r}")
+        if self.resume_from_checkpoint:
+            if not self.do_train:
+                raise UserError("--resume_from_checkpoint needs --do_train")
+            if self.resume_from_checkpoint != "latest" and not os.path.isdir(self.resume_from_checkpoint):
+                raise UserError(f"--resume_from_checkpoint {self.resume_from_checkpoint}: no such folder")
 
         if self.do_train and os.path.isdir(self.output_dir) and os.listdir(self.output_dir) \
-                and not self.overwrite_output_dir:
+                and not (self.overwrite_output_dir or self.resume_from_checkpoint):
             raise UserError(f"--output_dir {self.output_dir} is not empty: pass --overwrite_output_dir "
-                            "to train into it anyway")
+                            "to train into it anyway, or --resume_from_checkpoint to continue its run")
         if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
             raise UserError(f"--output_dir {self.output_dir} exists and is not a folder")
         existing = os.path.abspath(self.output_dir)

@@ -9,13 +9,18 @@ UserError("FILE:LINE: what is wrong").
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import math
+import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
+from transformers import trainer_pt_utils
 
 from .errors import UserError
 
@@ -115,17 +120,106 @@ def read_pairs(path: str, schema: PairSchema, require_label: bool, limit: int | 
     return examples
 
 
+@dataclass
+class Encodings:
+    """Token ids of N tokenised pairs, stored flat: pair i is `input_ids[offsets[i]:offsets[i + 1]]`.
+
+    Each pair is `[CLS] s1 [SEP] s2 [SEP]` (token_type_ids 0 then 1), truncated to the run's max length.
+    """
+
+    input_ids: torch.Tensor  # [total tokens] int32
+    token_type_ids: torch.Tensor  # [total tokens] int8
+    offsets: torch.Tensor  # [N + 1] int64
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.offsets[i], self.offsets[i + 1]
+        return self.input_ids[start:end], self.token_type_ids[start:end]
+
+    @property
+    def lengths(self) -> list[int]:
+        return self.offsets.diff().tolist()
+
+
+def encode_pairs(tokenizer, examples: list[PairExample], max_length: int, chunk: int = 1000) -> Encodings:
+    """Tokenise every pair once (in chunks, with the fast tokenizer's batch call)."""
+    ids, types, lengths = [], [], [0]
+    for start in range(0, len(examples), chunk):
+        part = examples[start:start + chunk]
+        encoded = tokenizer([e.sentence1 for e in part], [e.sentence2 for e in part], truncation=True,
+                            max_length=max_length, return_token_type_ids=True, return_attention_mask=False)
+        for pair_ids, pair_types in zip(encoded["input_ids"], encoded["token_type_ids"], strict=True):
+            ids += pair_ids
+            types += pair_types
+            lengths.append(len(pair_ids))
+    return Encodings(torch.tensor(ids, dtype=torch.int32), torch.tensor(types, dtype=torch.int8),
+                     torch.tensor(lengths).cumsum(0))
+
+
+def default_cache_dir() -> str:
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "afqmc_dist")
+
+
+def _cache_key(tokenizer, examples: list[PairExample], max_length: int) -> str:
+    """A digest of the pairs' text, the tokenizer (vocabulary and rules) and the max length."""
+    digest = hashlib.sha256(f"{type(tokenizer).__name__}\x1f{max_length}\x1f".encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest.update(backend.to_str().encode() if backend is not None
+                  else json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    for e in examples:
+        digest.update(f"{e.sentence1}\x1f{e.sentence2}\x1e".encode())
+    return digest.hexdigest()[:32]
+
+
+def cached_encode_pairs(tokenizer, examples: list[PairExample], max_length: int, cache_dir: str | None) -> Encodings:
+    """`encode_pairs`, read from / written to `cache_dir` (keyed by text + tokenizer + max length) when given.
+
+    A later run on the same file, tokenizer and max length loads the ids instead of tokenising again. The file
+    is written through a temporary name, so concurrent writers (one per node) cannot leave a torn file.
+    """
+    if not cache_dir:
+        return encode_pairs(tokenizer, examples, max_length)
+    path = os.path.join(cache_dir, f"pairs-{_cache_key(tokenizer, examples, max_length)}.pt")
+    if os.path.isfile(path):
+        return Encodings(**torch.load(path, weights_only=True))
+    encodings = encode_pairs(tokenizer, examples, max_length)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        torch.save(dataclasses.asdict(encodings), tmp)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # an unwritable cache only costs the next run a re-tokenisation
+    return encodings
+
+
 class PairDataset(Dataset):
-    """Map-style dataset over examples held in memory. Item i is `{"index": i, "example": PairExample}`."""
+    """Map-style dataset over examples held in memory, tokenised once by `encode`.
+
+    Item i is `{"index": i, "input_ids": [T_i], "token_type_ids": [T_i], "label": class id or None}`.
+    """
 
     def __init__(self, examples: list[PairExample]):
         self.examples = examples
+        self.encodings: Encodings | None = None
+
+    def encode(self, tokenizer, max_length: int, cache_dir: str | None = None) -> None:
+        self.encodings = cached_encode_pairs(tokenizer, self.examples, max_length, cache_dir)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Token count of every pair (after `encode`)."""
+        return self.encodings.lengths
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, i: int) -> dict:
-        return {"index": i, "example": self.examples[i]}
+        input_ids, token_type_ids = self.encodings[i]
+        return {"index": i, "input_ids": input_ids, "token_type_ids": token_type_ids,
+                "label": self.examples[i].label}
 
 
 class StreamingPairDataset(IterableDataset):
@@ -135,15 +229,20 @@ class StreamingPairDataset(IterableDataset):
     run before training and the scheduler knows the number of steps. Each epoch streams the file through a
     shuffle buffer seeded by (seed, epoch): every process produces the same stream, and accelerate's
     `IterableDatasetShard` (set up by `accelerator.prepare`) keeps each process's share of every global batch.
+    Items are those of `PairDataset`, tokenised as they stream by (after `encode` has set the tokenizer).
     """
 
     def __init__(self, path: str, schema: PairSchema, seed: int, buffer_size: int, limit: int | None = None):
         self.path, self.schema, self.seed, self.buffer_size, self.limit = path, schema, seed, buffer_size, limit
         self.epoch = 0
+        self.tokenizer, self.max_length = None, None
         count = sum(1 for _ in iter_pairs(path, schema, require_label=True))
         if count == 0:
             raise UserError(f"{path}: no examples in file")
         self.num_examples = min(count, limit) if limit else count
+
+    def encode(self, tokenizer, max_length: int, cache_dir: str | None = None) -> None:
+        self.tokenizer, self.max_length = tokenizer, max_length  # a stream is tokenised on the fly: no cache
 
     def __len__(self) -> int:
         return self.num_examples
@@ -151,44 +250,75 @@ class StreamingPairDataset(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _item(self, i: int, example: PairExample) -> dict:
+        encodings = encode_pairs(self.tokenizer, [example], self.max_length)
+        input_ids, token_type_ids = encodings[0]
+        return {"index": i, "input_ids": input_ids, "token_type_ids": token_type_ids, "label": example.label}
+
     def __iter__(self):
         rng = random.Random(self.seed * 100_003 + self.epoch)
-        buffer: list[dict] = []
+        buffer: list[tuple[int, PairExample]] = []
         for i, example in enumerate(iter_pairs(self.path, self.schema, require_label=True)):
             if i >= self.num_examples:
                 break
-            item = {"index": i, "example": example}
+            item = (i, example)
             if len(buffer) < self.buffer_size:
                 buffer.append(item)
                 continue
             j = rng.randrange(len(buffer))
             buffer[j], item = item, buffer[j]
-            yield item
+            yield self._item(*item)
         rng.shuffle(buffer)
-        yield from buffer
+        yield from (self._item(*item) for item in buffer)
+
+
+class LengthGroupedSampler(trainer_pt_utils.LengthGroupedSampler):
+    """transformers' length-grouped sampler (random mega-batches of 50 batches, each sorted by length), with an
+    order that is a function of (seed, epoch) only, as accelerate's seedable sampler: `set_epoch` picks it.
+
+    Under several processes, accelerate deals out consecutive batches to the processes, so at every step all
+    processes hold batches of similar length (no process waits on another's long batch).
+    """
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return super().__iter__()
 
 
 class PairCollator:
-    """Tokenise a list of dataset items into one padded batch.
+    """Pad encoded dataset items into one batch.
 
-    Pairs become `[CLS] s1 [SEP] s2 [SEP]` (token_type_ids 0 then 1), truncated to `max_length` tokens and
-    padded to the longest pair of the batch. Output: input_ids, token_type_ids, attention_mask `[B, T]`;
-    `index` `[B]` (position in the dataset, to put gathered predictions back in order); `labels` `[B]` when
-    every example has one.
+    Output: input_ids, token_type_ids, attention_mask `[B, T]`, with T the longest pair of the batch (rounded up
+    to `pad_to_multiple_of`); `index` `[B]` (position in the dataset, to put gathered predictions back in
+    order); `labels` `[B]` when every item has one.
     """
 
-    def __init__(self, tokenizer, max_length: int):
-        self.tokenizer, self.max_length = tokenizer, max_length
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id, self.pad_to_multiple_of = pad_token_id, pad_to_multiple_of
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        examples = [item["example"] for item in items]
-        batch = dict(self.tokenizer(
-            [e.sentence1 for e in examples], [e.sentence2 for e in examples],
-            truncation=True, max_length=self.max_length, padding=True, return_tensors="pt",
-        ))
-        batch["index"] = torch.tensor([item["index"] for item in items])
-        if all(e.label is not None for e in examples):
-            batch["labels"] = torch.tensor([e.label for e in examples])
+        lengths = [len(item["input_ids"]) for item in items]
+        width = max(lengths)
+        if self.pad_to_multiple_of:
+            width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
+        token_type_ids = torch.zeros((len(items), width), dtype=torch.long)
+        attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, (item, length) in enumerate(zip(items, lengths)):
+            input_ids[row, :length] = item["input_ids"]
+            token_type_ids[row, :length] = item["token_type_ids"]
+            attention_mask[row, :length] = 1
+        batch = {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask,
+                 "index": torch.tensor([item["index"] for item in items])}
+        if all(item["label"] is not None for item in items):
+            batch["labels"] = torch.tensor([item["label"] for item in items])
         return batch
 
 
@@ -213,20 +343,48 @@ def load_datasets(cfg, schema: PairSchema) -> dict[str, Dataset]:
     return datasets
 
 
-def make_train_dataloader(dataset: Dataset, cfg, tokenizer) -> DataLoader:
-    """The training DataLoader (before `accelerator.prepare`): shuffled, or in stream order with --streaming.
+def encode_datasets(datasets: dict[str, Dataset], tokenizer, cfg, accelerator) -> None:
+    """Tokenise each dataset once. The local main process goes first and fills the cache; the others read it."""
+    cache_dir = None if (cfg.cache_dir or "").lower() == "none" else cfg.cache_dir or default_cache_dir()
+    with accelerator.local_main_process_first():
+        for dataset in datasets.values():
+            dataset.encode(tokenizer, cfg.max_seq_length, cache_dir)
+
+
+def _loader_options(cfg, tokenizer, accelerator) -> dict:
+    """DataLoader arguments shared by training and evaluation. On a GPU, batches go through pinned memory and,
+    with mixed precision, lengths are rounded up to a multiple of 8 (what tensor cores want)."""
+    on_gpu = accelerator.device.type == "cuda"
+    multiple = cfg.pad_to_multiple_of or (8 if on_gpu and accelerator.mixed_precision != "no" else None)
+    return {"collate_fn": PairCollator(tokenizer.pad_token_id, multiple), "pin_memory": on_gpu,
+            "num_workers": cfg.dataloader_num_workers}
+
+
+def make_train_dataloader(dataset: Dataset, cfg, tokenizer, accelerator) -> DataLoader:
+    """The training DataLoader (before `accelerator.prepare`): length-grouped (default) or plainly shuffled
+    batches, or the stream's order with --streaming. Every order is a function of (seed, epoch).
 
     The loader gets its own seeded generator so that creating its iterator does not draw from the global torch
     RNG (which also drives dropout): the data order and the dropout stream stay independent and repeatable.
     """
-    collate = PairCollator(tokenizer, cfg.max_seq_length)
+    options = _loader_options(cfg, tokenizer, accelerator)
     if isinstance(dataset, IterableDataset):
-        return DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=collate)
-    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
-                      generator=torch.Generator().manual_seed(cfg.seed))
+        return DataLoader(dataset, batch_size=cfg.batch_size, **options)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if cfg.group_by_length:
+        sampler = LengthGroupedSampler(cfg.batch_size, dataset.lengths, cfg.seed)
+        return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, generator=generator, **options)
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator, **options)
 
 
-def make_eval_dataloader(dataset: Dataset, cfg, tokenizer) -> DataLoader:
-    """A DataLoader over `dataset` in file order (dev, test or predict input), before `accelerator.prepare`."""
-    return DataLoader(dataset, batch_size=cfg.per_device_eval_batch_size, shuffle=False,
-                      collate_fn=PairCollator(tokenizer, cfg.max_seq_length))
+def make_eval_dataloader(dataset: PairDataset, cfg, tokenizer, accelerator) -> DataLoader:
+    """A DataLoader over `dataset` (dev, test or predict input), longest pairs first, before `accelerate.prepare`.
+
+    Sorting by length makes large eval batches cheap (almost no padding); `predict` puts the results back in
+    file order through each item's `index`.
+    """
+    lengths = dataset.lengths
+    by_length = sorted(range(len(dataset)), key=lambda i: -lengths[i])
+    # Its own generator: iterating it must not draw from the global RNG that drives dropout in training.
+    return DataLoader(dataset, batch_size=cfg.per_device_eval_batch_size, sampler=by_length,
+                      generator=torch.Generator().manual_seed(cfg.seed), **_loader_options(cfg, tokenizer, accelerator))

@@ -7,10 +7,12 @@ rank reaches the same decisions (such as "is this the best model?") from the sam
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
+from tqdm.auto import tqdm
 
 
 @dataclass
@@ -18,12 +20,17 @@ class Predictions:
     """Gathered model outputs for a whole dataset, row i = dataset item i.
 
     probs: `[N, num_labels]` float32 softmax; labels: `[N]` class ids or None (unlabelled input);
-    loss: mean cross-entropy over the N examples, or None.
+    loss: mean cross-entropy over the N examples, or None; seconds: wall time of the pass.
     """
 
     probs: torch.Tensor
     labels: torch.Tensor | None
     loss: float | None
+    seconds: float
+
+    @property
+    def samples_per_second(self) -> float:
+        return len(self) / self.seconds
 
     @property
     def pred_ids(self) -> torch.Tensor:
@@ -33,15 +40,19 @@ class Predictions:
         return self.probs.shape[0]
 
 
-def predict(model, dataloader, accelerator) -> Predictions:
+def predict(model, dataloader, accelerator, desc: str = "eval") -> Predictions:
     """Run `model` over a prepared eval DataLoader; call on EVERY rank (it gathers across processes).
 
-    Leaves the model in eval mode: the training loop switches it back.
+    The loader may visit the examples in any order (eval loaders go by length, so batches carry little
+    padding): the gathered `index` puts every row back in dataset order. Leaves the model in eval mode: the
+    training loop switches it back.
     """
     model.eval()
     indices, probs, labels, losses = [], [], [], []
-    with torch.no_grad():
-        for batch in dataloader:
+    start = time.perf_counter()
+    bar = tqdm(dataloader, desc=desc, unit="batch", leave=False, disable=not accelerator.is_local_main_process)
+    with torch.inference_mode():
+        for batch in bar:
             index = batch.pop("index")
             batch_labels = batch.pop("labels", None)
             logits = model(**batch).logits.float()
@@ -65,14 +76,18 @@ def predict(model, dataloader, accelerator) -> Predictions:
         raise RuntimeError(f"gathered predictions do not cover the {expected} examples exactly once")
     all_labels = torch.cat(labels)[order] if labels else None
     mean_loss = torch.cat(losses).mean().item() if losses else None
-    return Predictions(torch.cat(probs)[order], all_labels, mean_loss)
+    return Predictions(torch.cat(probs)[order], all_labels, mean_loss, time.perf_counter() - start)
 
 
-def classification_metrics(pred_ids: torch.Tensor, labels: torch.Tensor, positive_id: int) -> dict:
-    """Accuracy, and precision / recall / F1 of the positive class (label "1" on AFQMC), plus the count.
+def classification_metrics(pred_ids: torch.Tensor, labels: torch.Tensor, positive_id: int,
+                           num_labels: int = 2) -> dict:
+    """Accuracy, precision / recall / F1 of the positive class (label "1" on AFQMC), the count, and the
+    confusion matrix (`[num_labels][num_labels]` counts, rows: true class id, columns: predicted class id).
 
     Accuracy alone flatters a weak model on AFQMC: always answering "0" scores 69%.
     """
+    confusion = torch.zeros(num_labels, num_labels, dtype=torch.long)
+    confusion.index_put_((labels, pred_ids), torch.ones_like(labels), accumulate=True)
     tp = int(((pred_ids == positive_id) & (labels == positive_id)).sum())
     fp = int(((pred_ids == positive_id) & (labels != positive_id)).sum())
     fn = int(((pred_ids != positive_id) & (labels == positive_id)).sum())
@@ -85,10 +100,12 @@ def classification_metrics(pred_ids: torch.Tensor, labels: torch.Tensor, positiv
         "precision": precision,
         "recall": recall,
         "count": int(labels.numel()),
+        "confusion_matrix": confusion.tolist(),
     }
 
 
-def evaluate(model, dataloader, accelerator, positive_id: int) -> dict:
+def evaluate(model, dataloader, accelerator, positive_id: int, desc: str = "eval") -> dict:
     """Metrics of `model` on a labelled, prepared DataLoader (every rank gets the same dict)."""
-    preds = predict(model, dataloader, accelerator)
-    return {**classification_metrics(preds.pred_ids, preds.labels, positive_id), "loss": preds.loss}
+    preds = predict(model, dataloader, accelerator, desc)
+    metrics = classification_metrics(preds.pred_ids, preds.labels, positive_id, preds.probs.shape[1])
+    return {**metrics, "loss": preds.loss, "samples_per_second": preds.samples_per_second}

@@ -1,8 +1,10 @@
 """Files a run leaves in OUTPUT_DIR, each written by the main process only and never left half-written.
 
     best/                 Hugging Face folder of the best model so far (config, model.safetensors, tokenizer)
-    results.json          best epoch, step and dev metrics
-    metrics.jsonl         one line per evaluation (see tracking.py)
+    results.json          best epoch, step and dev metrics (+ training throughput once training ends)
+    metrics.jsonl         every logged record: training loss/lr/throughput, evaluations (see tracking.py)
+    run_config.json       the run's full configuration and derived values (processes, global batch, ...)
+    checkpoints/step_N/   full training state, with --checkpointing_steps or on a stop signal (checkpoints.py)
     test_results.json     --do_test
     predictions.jsonl     --do_predict: input fields + pred_label + pred_prob, in input order
     afqmc_predict.json    --do_predict on inputs with ids: CLUE's submission format
@@ -18,7 +20,9 @@ from contextlib import contextmanager
 BEST_DIR = "best"
 RESULTS, METRICS, TEST_RESULTS = "results.json", "metrics.jsonl", "test_results.json"
 PREDICTIONS, CLUE_PREDICTIONS = "predictions.jsonl", "afqmc_predict.json"
-RUN_FILES = (RESULTS, METRICS, TEST_RESULTS, PREDICTIONS, CLUE_PREDICTIONS)
+RUN_CONFIG = "run_config.json"
+RUN_FILES = (RESULTS, METRICS, TEST_RESULTS, PREDICTIONS, CLUE_PREDICTIONS, RUN_CONFIG)
+RUN_DIRS = (BEST_DIR, f"{BEST_DIR}.old", f"{BEST_DIR}.tmp", "checkpoints")
 
 
 @contextmanager
@@ -46,15 +50,16 @@ def write_jsonl(path: str, records) -> None:
 
 
 def prepare_output_dir(output_dir: str, fresh: bool) -> None:
-    """Create OUTPUT_DIR. With `fresh` (a training run), first remove what an earlier run of this tool left there
-    (best/, results, metrics, predictions), so no stale file sits beside the new model. Main process only."""
+    """Create OUTPUT_DIR. With `fresh` (a new training run), first remove what an earlier run of this tool left
+    there (best/, checkpoints/, results, metrics, predictions), so no stale file sits beside the new model (and no
+    old checkpoint is taken for `latest`). Main process only."""
     os.makedirs(output_dir, exist_ok=True)
     if fresh:
         for name in RUN_FILES:
             path = os.path.join(output_dir, name)
             if os.path.exists(path):
                 os.remove(path)
-        for name in (BEST_DIR, f"{BEST_DIR}.old", f"{BEST_DIR}.tmp"):
+        for name in RUN_DIRS:
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 

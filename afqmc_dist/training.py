@@ -1,8 +1,12 @@
 """The training loop: the same code on a CPU, one GPU, many GPUs or nodes, in fp32 or mixed precision.
 
 Every rank runs every line here; accelerate decides what each one does (sharding, gradient sync, precision).
-Decisions such as "is this the best model?" are taken from gathered metrics, which are identical on all ranks,
-so every rank enters the same collectives in the same order.
+Decisions such as "is this the best model?" or "stop early?" are taken from gathered or broadcast values,
+identical on all ranks, so every rank enters the same collectives in the same order.
+
+A run can be stopped and resumed at any optimizer step (see checkpoints.py): the data order is a function of
+(seed, epoch), the dataloaders have their own generators (so the global RNG, which drives dropout, only moves
+with the model), and a resumed run skips exactly the batches already consumed in its epoch.
 """
 
 from __future__ import annotations
@@ -12,38 +16,98 @@ import os
 import time
 
 import torch
+from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from .checkpoints import TrainState, read_state, restore_metrics, save_checkpoint
 from .data import make_eval_dataloader, make_train_dataloader
+from .errors import TrainingStopped
 from .evaluation import evaluate
 from .outputs import RESULTS, save_best_model, write_json
+from .preemption import StopRequests
 
 NO_DECAY = ("bias", "LayerNorm.weight", "norm.weight")  # suffixes of parameter names
 
 
-def make_optimizer(model, cfg) -> torch.optim.AdamW:
-    """AdamW with weight decay on weight matrices only (not on biases and LayerNorm weights)."""
+def make_optimizer(model, cfg, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices only (not on biases and LayerNorm weights); fused on CUDA."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if name.endswith(NO_DECAY) else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             eps=cfg.adam_epsilon)
+                             eps=cfg.adam_epsilon, fused=device.type == "cuda" or None)
 
 
-def train(cfg, accelerator, model, tokenizer, train_set, dev_set, positive_id: int, tracker) -> dict:
+class Throughput:
+    """Training counters kept on the device between log points (reading them every step would stall a GPU).
+
+    `window` holds [loss sum, real tokens, all tokens, micro-batches] since the last log. Time is counted only
+    while training steps run (`start`/`stop` around evaluation and saving); totals cover the whole run.
+    """
+
+    def __init__(self, device):
+        self.window = torch.zeros(4, dtype=torch.float64, device=device)
+        self.window_samples, self.window_seconds, self.started = 0, 0.0, None
+        self.total_samples, self.total_seconds, self.total_real, self.total_all = 0, 0.0, 0.0, 0.0
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.started is not None:
+            seconds = time.perf_counter() - self.started
+            self.window_seconds += seconds
+            self.total_seconds += seconds
+            self.started = None
+
+    def add(self, loss, batch) -> None:
+        mask = batch["attention_mask"]
+        one = torch.ones((), dtype=torch.float64, device=mask.device)
+        self.window += torch.stack([loss.detach().double(), mask.sum().double(), one * mask.numel(), one])
+        self.window_samples += mask.shape[0]
+        self.total_samples += mask.shape[0]
+
+    def read(self, accelerator) -> dict:
+        """Reduce the window across processes (a collective: call on every rank), return its numbers, restart."""
+        self.stop()
+        loss_sum, real, total, batches = accelerator.reduce(self.window, reduction="sum").tolist()
+        seconds = max(self.window_seconds, 1e-9)
+        stats = {"loss": loss_sum / batches if batches else math.nan,  # nan: every batch was skipped
+                 "samples_per_second": self.window_samples * accelerator.num_processes / seconds,
+                 "tokens_per_second": real / seconds, "padding_fraction": 1 - real / total if total else 0.0}
+        self.total_real += real
+        self.total_all += total
+        self.window.zero_()
+        self.window_samples, self.window_seconds = 0, 0.0
+        self.start()
+        return stats
+
+    def summary(self, num_processes: int) -> dict:
+        seconds = max(self.total_seconds, 1e-9)
+        return {"train_runtime": round(self.total_seconds, 3),
+                "train_samples_per_second": self.total_samples * num_processes / seconds,
+                "train_tokens_per_second": self.total_real / seconds,
+                "train_padding_fraction": 1 - self.total_real / max(self.total_all, 1.0)}
+
+
+def train(cfg, accelerator, model, tokenizer, train_set, dev_set, positive_id: int, tracker,
+          fingerprint: dict, resume_from: str | None = None) -> dict:
     """Fine-tune `model`, evaluating on the dev file after every epoch (and every `cfg.eval_steps`).
 
-    Keeps the best model (by dev accuracy) in OUTPUT_DIR/best and its metrics in OUTPUT_DIR/results.json.
-    `positive_id` is the class whose F1 is reported. Returns the best record (same on every rank).
+    Keeps the best model (by dev accuracy) in OUTPUT_DIR/best and its record in OUTPUT_DIR/results.json, and
+    full checkpoints as --checkpointing_steps says. `positive_id` is the class whose F1 is reported;
+    `fingerprint` is stored in checkpoints; `resume_from` is a checkpoint to continue from. Returns the best
+    record (same on every rank). Raises TrainingStopped after a stop signal (checkpoint written) or a
+    non-finite loss.
     """
-    train_loader = make_train_dataloader(train_set, cfg, tokenizer)
-    dev_loader = make_eval_dataloader(dev_set, cfg, tokenizer)
-    optimizer = make_optimizer(model, cfg)
+    # --- setup ---
+    train_loader = make_train_dataloader(train_set, cfg, tokenizer, accelerator)
+    dev_loader = make_eval_dataloader(dev_set, cfg, tokenizer, accelerator)
+    optimizer = make_optimizer(model, cfg, accelerator.device)
     model, optimizer, train_loader, dev_loader = accelerator.prepare(model, optimizer, train_loader, dev_loader)
-
     steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
     total_steps = steps_per_epoch * cfg.num_train_epochs
     # A prepared scheduler steps once per process for every optimizer step (accelerate's convention for
@@ -53,65 +117,139 @@ def train(cfg, accelerator, model, tokenizer, train_set, dev_set, positive_id: i
         "linear", optimizer, num_warmup_steps=int(cfg.warmup_proportion * total_steps) * scale,
         num_training_steps=total_steps * scale))
 
+    state = TrainState(fingerprint=fingerprint, wandb_run_id=tracker.wandb_run_id)
+    counters = Throughput(accelerator.device)
+    if resume_from:
+        accelerator.load_state(resume_from)  # weights, optimizer, scheduler, scaler, this rank's RNG streams
+        state = read_state(resume_from)
+        state.wandb_run_id = state.wandb_run_id or tracker.wandb_run_id
+        restore_metrics(accelerator, resume_from, cfg.output_dir)
+        tracker.last_step = state.step
+        if len(state.window) == accelerator.num_processes:
+            counters.window += torch.tensor(state.window[accelerator.process_index], dtype=torch.float64,
+                                            device=accelerator.device)
+        accelerator.print(f"resumed from {resume_from}: step {state.step}, epoch {state.epoch}, "
+                          f"{state.batches_in_epoch} batches into it")
     accelerator.print(f"training: {len(train_set)} pairs, {cfg.num_train_epochs} epochs, "
                       f"{total_steps} optimizer steps, global batch {cfg.global_batch_size(accelerator.num_processes)} "
                       f"({cfg.batch_size} per process x {accelerator.num_processes} processes x "
                       f"{cfg.gradient_accumulation_steps} accumulation)")
 
-    best: dict | None = None
-    step = 0
+    # The first non-finite loss, recorded on the device (no sync) and checked where the loop syncs anyway.
+    first_bad_step = torch.full((), -1, dtype=torch.long, device=accelerator.device)
 
-    def evaluate_and_keep_best(epoch: int) -> None:
-        nonlocal best, window_start
+    def check_finite() -> None:
+        bad = accelerator.gather(first_bad_step[None])
+        bad = bad[bad >= 0]
+        if bad.numel():
+            raise TrainingStopped(
+                f"the training loss became NaN/inf at step {bad.min().item()}; stopped without saving (the last "
+                "checkpoint and best/ are from before it). Lower --learning_rate, or pass --skip_nonfinite_loss")
+
+    def checkpoint() -> str:
+        check_finite()
+        counters.stop()
+        # Each rank's partial loss window travels with the checkpoint, so the next logged loss is the same.
+        state.window = accelerator.gather(counters.window[None]).tolist()
+        path = save_checkpoint(accelerator, cfg.output_dir, state, cfg.save_total_limit)
+        counters.start()
+        return path
+
+    def evaluate_and_decide() -> bool:
+        """Evaluate on dev, keep the best model; True if early stopping says to stop (same on every rank)."""
+        check_finite()
+        counters.stop()
         metrics = evaluate(model, dev_loader, accelerator, positive_id)
         model.train()
-        tracker.log_eval(metrics, epoch=epoch, step=step)
-        accelerator.print(f"eval epoch {epoch} step {step}: accuracy {metrics['accuracy']:.4f} "
+        tracker.log(metrics, "dev", state.step, state.epoch)
+        accelerator.print(f"eval epoch {state.epoch} step {state.step}: accuracy {metrics['accuracy']:.4f} "
                           f"f1 {metrics['f1']:.4f} loss {metrics['loss']:.4f} ({metrics['count']} pairs)")
+        best = state.best
         if best is None or metrics["accuracy"] > best["dev_accuracy"]:
             save_best_model(accelerator, model, tokenizer, cfg.output_dir)
-            best = {"best_epoch": epoch, "best_step": step, "dev_accuracy": metrics["accuracy"],
-                    "dev_f1": metrics["f1"], "dev_precision": metrics["precision"],
-                    "dev_recall": metrics["recall"], "dev_loss": metrics["loss"], "eval_count": metrics["count"]}
+            state.best = {"best_epoch": state.epoch, "best_step": state.step, "dev_accuracy": metrics["accuracy"],
+                          "dev_f1": metrics["f1"], "dev_precision": metrics["precision"],
+                          "dev_recall": metrics["recall"], "dev_loss": metrics["loss"],
+                          "eval_count": metrics["count"]}
             if accelerator.is_main_process:
-                write_json(os.path.join(cfg.output_dir, RESULTS), best)
-        window_start = time.perf_counter()  # training throughput excludes evaluation and saving
+                write_json(os.path.join(cfg.output_dir, RESULTS), state.best)
+        improved = best is None or metrics["accuracy"] - best["dev_accuracy"] > cfg.early_stopping_threshold
+        state.evals_without_improvement = 0 if improved else state.evals_without_improvement + 1
+        stop = bool(cfg.early_stopping_patience) and state.evals_without_improvement >= cfg.early_stopping_patience
+        # Decided on the main process and broadcast: one rank's rounding can never leave another rank waiting.
+        stop = broadcast_object_list([stop])[0]
+        if stop:
+            accelerator.print(f"early stopping at step {state.step}: no dev-accuracy gain of at least "
+                              f"{cfg.early_stopping_threshold} in {state.evals_without_improvement} evaluations")
+        counters.start()
+        return stop
 
-    progress = tqdm(total=total_steps, desc="train", unit="step", disable=not accelerator.is_local_main_process)
-    # The loss stays on the device between log points: reading it every step would stall the GPU each step.
-    loss_sum = torch.zeros((), device=accelerator.device)
-    micro_batches, samples, window_start = 0, 0, time.perf_counter()
+    # --- train ---
+    progress = tqdm(total=total_steps, initial=state.step, desc="train", unit="step",
+                    disable=not accelerator.is_local_main_process)
     model.train()
-    for epoch in range(1, cfg.num_train_epochs + 1):
-        train_loader.set_epoch(epoch - 1)  # the shuffle is a function of (seed, epoch)
-        for batch in train_loader:
-            batch.pop("index")
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            loss_sum += loss.detach()
-            micro_batches += 1
-            samples += batch["input_ids"].shape[0]
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            progress.update(1)
-            if step % cfg.logging_steps == 0 or step == total_steps:
-                # reduce is a collective: every rank reaches it at the same step.
-                mean_loss = accelerator.reduce(loss_sum / micro_batches, reduction="mean").item()
-                rate = samples * accelerator.num_processes / (time.perf_counter() - window_start)
-                lr = scheduler.get_last_lr()[0]
-                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
-                tracker.log({"loss": mean_loss, "learning_rate": lr, "samples_per_second": rate}, "train", step)
-                loss_sum.zero_()
-                micro_batches, samples, window_start = 0, 0, time.perf_counter()
-            if cfg.eval_steps and step % cfg.eval_steps == 0 and step % steps_per_epoch != 0:
-                evaluate_and_keep_best(epoch)
-        evaluate_and_keep_best(epoch)
-    progress.close()
-    return best
+    stopped_early, saved, saved_at = False, None, None
+    with StopRequests(accelerator) as stop_requests, progress:
+        while state.epoch <= cfg.num_train_epochs and not stopped_early:
+            train_loader.set_epoch(state.epoch - 1)  # the shuffle is a function of (seed, epoch)
+            # A resumed epoch skips the batches it already trained on (same order: same seed and epoch).
+            batches = accelerator.skip_first_batches(train_loader, state.batches_in_epoch) \
+                if state.batches_in_epoch else train_loader
+            counters.start()
+            for batch in batches:
+                batch.pop("index")
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    accelerator.backward(loss)
+                    skip = False
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+                        # The gradient norm is already all-reduced: every rank takes the same decision. Reading
+                        # it is a host sync per step, the price of --skip_nonfinite_loss.
+                        skip = cfg.skip_nonfinite_loss and not torch.isfinite(grad_norm).item()
+                    if skip:
+                        accelerator.print(f"step {state.step + 1}: non-finite loss or gradient, update skipped")
+                    else:
+                        optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                finite = torch.isfinite(loss.detach())
+                if not cfg.skip_nonfinite_loss:
+                    first_bad_step.copy_(torch.where((first_bad_step < 0) & ~finite, state.step + 1, first_bad_step))
+                    counters.add(loss, batch)
+                elif finite.item():
+                    counters.add(loss, batch)
+                state.batches_in_epoch += 1
+                if not accelerator.sync_gradients:
+                    continue
+                state.step += 1
+                progress.update(1)
+                if state.step % cfg.logging_steps == 0 or state.step == total_steps:
+                    check_finite()
+                    stats = {**counters.read(accelerator),
+                             "learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
+                    progress.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['learning_rate']:.2e}",
+                                         samples_s=f"{stats['samples_per_second']:.1f}",
+                                         tokens_s=f"{stats['tokens_per_second']:.0f}")
+                    tracker.log(stats, "train", state.step, state.epoch)
+                if cfg.eval_steps and state.step % cfg.eval_steps == 0 and state.step % steps_per_epoch != 0:
+                    stopped_early = evaluate_and_decide()
+                if cfg.checkpoint_interval and state.step % cfg.checkpoint_interval == 0:
+                    saved, saved_at = checkpoint(), state.step
+                signal_name = stop_requests.requested()
+                if signal_name:
+                    path = saved if saved_at == state.step else checkpoint()
+                    raise TrainingStopped(f"{signal_name} received: stopped after step {state.step} and saved "
+                                          f"{path}; continue with --resume_from_checkpoint latest", exit_code=3)
+                if stopped_early:
+                    break
+            counters.stop()
+            if not stopped_early:
+                stopped_early = evaluate_and_decide()
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            if cfg.checkpointing_steps == "epoch":
+                checkpoint()
+    if cfg.checkpoint_interval and state.step % cfg.checkpoint_interval != 0:
+        checkpoint()  # the final state, so that a finished run can be inspected or extended
+    tracker.summarize({"train_steps": state.step})
+    return {**state.best, **counters.summary(accelerator.num_processes)}

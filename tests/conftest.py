@@ -62,6 +62,37 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+# Wall-clock measurements differ between identical runs; results.json's throughput totals (padding included)
+# cover only the part of the run that one process did, so they differ after a resume.
+TIMING = ("samples_per_second", "tokens_per_second", "train_runtime", "train_padding_fraction")
+
+
+def history(out: Path, prefix: str = "dev") -> list[dict]:
+    """The metrics.jsonl records of one kind ("dev", "train", "test", ...) with the prefix taken off the keys:
+    `{"step": 32, "epoch": 1, "accuracy": 0.9, ...}`."""
+    records = []
+    for record in read_jsonl(Path(out) / "metrics.jsonl"):
+        values = {k.split("/", 1)[1]: v for k, v in record.items() if k.startswith(f"{prefix}/")}
+        if values:
+            records.append({"step": record["step"], "epoch": record.get("epoch"), **values})
+    return records
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    """Records minus wall-clock measurements, for comparing runs that must compute the same thing."""
+    return [{k: v for k, v in r.items() if not k.endswith(TIMING)} for r in records]
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """For tests that call the tool in-process: `Accelerator` state is a process-wide singleton, forget it after."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory) -> dict[str, Path]:
     """train (512 pairs), dev (101 pairs: an odd count, uneven across 2 processes) and test (64) files."""
@@ -89,17 +120,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_tool(args: list[str], script: str | None = None, env: dict | None = None,
+def _command(args: list, script: str | None, env: dict | None) -> tuple[list[str], dict]:
+    args = [str(a) for a in args]
+    command = ["bash", str(ROOT / "launch" / script), *args] if script else [sys.executable, "train.py", *args]
+    full_env = {**os.environ, "WANDB_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                "MAIN_PROCESS_PORT": str(free_port()), **(env or {})}
+    return command, full_env
+
+
+def run_tool(args: list, script: str | None = None, env: dict | None = None,
              timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `python train.py ARGS`, or `launch/SCRIPT ARGS` (real `accelerate launch`), in a fresh process.
 
     W&B is disabled unless `env` says otherwise; the venv running the tests provides `accelerate` on PATH.
     """
-    args = [str(a) for a in args]
-    command = ["bash", str(ROOT / "launch" / script), *args] if script else [sys.executable, "train.py", *args]
-    full_env = {**os.environ, "WANDB_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-                "MAIN_PROCESS_PORT": str(free_port()), **(env or {})}
+    command, full_env = _command(args, script, env)
     return subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def start_tool(args: list, script: str | None = None, env: dict | None = None) -> subprocess.Popen:
+    """`run_tool` without waiting (stop it with `kill_tree` or `Popen.send_signal`)."""
+    command, full_env = _command(args, script, env)
+    return subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def kill_tree(pid: int, sig: int = 9) -> None:
+    """Send `sig` to `pid` and all its descendants at once (torchrun puts its workers in their own sessions,
+    so killing the launcher's process group would leave them running)."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except (OSError, ValueError):
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo += children.get(current, [])
+    for member in tree:
+        try:
+            os.kill(member, sig)
+        except ProcessLookupError:
+            pass
 
 
 def plain_hf_predict(model_dir: Path, rows: list[dict]) -> list[int]:

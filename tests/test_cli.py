@@ -7,19 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-from accelerate.state import AcceleratorState, GradientState
 from conftest import FILLER, PLANTED, run_tool, synthetic_pairs, write_jsonl
 
 from afqmc_dist.cli import main
 from afqmc_dist.tiny_model import SPECIAL_TOKENS, build_tiny_bert
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """`Accelerator` state is a process-wide singleton: forget it after each in-process run."""
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
@@ -156,13 +149,14 @@ def test_testing_with_other_labels_than_the_model_was_trained_with_is_refused(tr
     assert not (out / "test_results.json").read_text().count('"b"')  # the earlier results are untouched
 
 
-def test_wandb_without_a_login_or_offline_mode_is_one_clear_error(model_dir, data, tmp_path, monkeypatch, capsys):
+def test_required_wandb_without_a_login_or_offline_mode_is_one_clear_error(model_dir, data, tmp_path, monkeypatch,
+                                                                           capsys):
     for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
 
-    assert main(train_args(model_dir, data, "--report_to", "wandb")) == 2
+    assert main(train_args(model_dir, data, "--report_to", "wandb", "--require_tracker")) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("error: --report_to wandb: W&B did not start") and "WANDB_MODE=offline" in error
     assert not (Path(data["output"]) / "best").exists()

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
+import torch
 from accelerate.data_loader import IterableDatasetShard
 from conftest import SHARED, write_jsonl
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, BertTokenizer
 
 from afqmc_dist.data import (
+    LengthGroupedSampler,
     PairCollator,
     PairDataset,
     PairExample,
     PairSchema,
     StreamingPairDataset,
+    cached_encode_pairs,
     read_pairs,
 )
 from afqmc_dist.errors import UserError
@@ -219,14 +223,19 @@ def tokenizer(tmp_path_factory):
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def items(*pairs, labels=None, start=0):
+def encoded(tokenizer, *pairs, labels=None, max_length=64) -> PairDataset:
     labels = labels or [None] * len(pairs)
-    return [{"index": start + i, "example": PairExample(s1, s2, label, {})}
-            for i, ((s1, s2), label) in enumerate(zip(pairs, labels, strict=True))]
+    dataset = PairDataset([PairExample(s1, s2, label, {}) for (s1, s2), label in zip(pairs, labels, strict=True)])
+    dataset.encode(tokenizer, max_length)
+    return dataset
+
+
+def collate(tokenizer, dataset, indices=None, **options) -> dict:
+    return PairCollator(tokenizer.pad_token_id, **options)([dataset[i] for i in indices or range(len(dataset))])
 
 
 def test_pair_is_encoded_as_cls_s1_sep_s2_sep(tokenizer):
-    batch = PairCollator(tokenizer, max_length=64)(items(("花呗如何还款", "借呗")))
+    batch = collate(tokenizer, encoded(tokenizer, ("花呗如何还款", "借呗")))
 
     tokens = tokenizer.convert_ids_to_tokens(batch["input_ids"][0].tolist())
     assert tokens == ["[CLS]", *"花呗如何还款", "[SEP]", *"借呗", "[SEP]"]
@@ -235,8 +244,18 @@ def test_pair_is_encoded_as_cls_s1_sep_s2_sep(tokenizer):
     assert "[UNK]" not in tokens
 
 
+def test_encoding_once_gives_what_the_tokenizer_gives_batch_by_batch(tokenizer):
+    pairs = [("花呗如何还款", "借呗"), ("花呗", "花呗怎么还钱"), ("为什么不能开通花呗" * 9, "借呗")]
+    batch = collate(tokenizer, encoded(tokenizer, *pairs, max_length=20))
+
+    direct = tokenizer([p[0] for p in pairs], [p[1] for p in pairs], truncation=True, max_length=20, padding=True,
+                       return_tensors="pt")
+    for key in ("input_ids", "token_type_ids", "attention_mask"):
+        assert batch[key].tolist() == direct[key].tolist()
+
+
 def test_batch_is_padded_to_its_longest_pair_not_to_max_length(tokenizer):
-    batch = PairCollator(tokenizer, max_length=64)(items(("花呗", "借呗"), ("花呗如何还款", "花呗怎么还钱")))
+    batch = collate(tokenizer, encoded(tokenizer, ("花呗", "借呗"), ("花呗如何还款", "花呗怎么还钱")))
 
     assert batch["input_ids"].shape == (2, 15)  # 6 + 6 characters + [CLS] + 2 [SEP]
     assert batch["attention_mask"][0].tolist() == [1] * 7 + [0] * 8
@@ -244,9 +263,17 @@ def test_batch_is_padded_to_its_longest_pair_not_to_max_length(tokenizer):
     assert batch["attention_mask"][1].tolist() == [1] * 15
 
 
+def test_pad_to_multiple_of_rounds_the_batch_length_up(tokenizer):
+    batch = collate(tokenizer, encoded(tokenizer, ("花呗", "借呗"), ("花呗如何还款", "花呗怎么还钱")),
+                    pad_to_multiple_of=8)
+
+    assert batch["input_ids"].shape == (2, 16)
+    assert batch["attention_mask"].sum().item() == 7 + 15
+
+
 def test_long_pairs_are_truncated_to_max_length(tokenizer):
     long_pair = ("花呗如何还款" * 3, "为什么不能开通花呗" * 3)
-    batch = PairCollator(tokenizer, max_length=10)(items(long_pair, ("花呗", "借呗")))
+    batch = collate(tokenizer, encoded(tokenizer, long_pair, ("花呗", "借呗"), max_length=10))
 
     assert batch["input_ids"].shape == (2, 10)
     ids = batch["input_ids"][0].tolist()
@@ -256,13 +283,11 @@ def test_long_pairs_are_truncated_to_max_length(tokenizer):
 
 
 def test_batch_carries_dataset_index_and_labels(tokenizer):
-    examples = [PairExample("花呗", "借呗", 1, {}), PairExample("还款", "还钱", 0, {}),
-                PairExample("花呗", "花呗", 1, {})]
-    dataset = PairDataset(examples)
+    dataset = encoded(tokenizer, ("花呗", "借呗"), ("还款", "还钱"), ("花呗", "花呗"), labels=[1, 0, 1])
 
-    batch = PairCollator(tokenizer, max_length=64)([dataset[2], dataset[0]])
+    batch = collate(tokenizer, dataset, [2, 0])
 
-    assert dataset[1] == {"index": 1, "example": examples[1]}
+    assert dataset[1]["index"] == 1 and dataset[1]["label"] == 0
     assert batch["index"].tolist() == [2, 0]
     assert batch["labels"].tolist() == [1, 1]
     assert not batch["labels"].is_floating_point()  # class ids for cross-entropy
@@ -270,10 +295,50 @@ def test_batch_carries_dataset_index_and_labels(tokenizer):
 
 
 def test_unlabelled_batch_has_no_labels(tokenizer):
-    batch = PairCollator(tokenizer, max_length=64)(items(("花呗", "借呗"), ("还款", "还钱"), start=5))
+    batch = collate(tokenizer, encoded(tokenizer, ("花呗", "借呗"), ("还款", "还钱")), [1, 0])
 
     assert "labels" not in batch
-    assert batch["index"].tolist() == [5, 6]
+    assert batch["index"].tolist() == [1, 0]
+
+
+def test_tokenised_files_are_cached_by_text_tokenizer_and_max_length(tokenizer, tmp_path):
+    examples = [PairExample("花呗如何还款", "借呗", 1, {}), PairExample("还款", "还钱", 0, {})]
+    first = cached_encode_pairs(tokenizer, examples, 64, str(tmp_path))
+    (cache_file,) = tmp_path.iterdir()
+    again = cached_encode_pairs(tokenizer, examples, 64, str(tmp_path))
+
+    assert list(tmp_path.iterdir()) == [cache_file]  # read back, not written again
+    assert all(torch.equal(getattr(first, f), getattr(again, f)) for f in ("input_ids", "token_type_ids", "offsets"))
+    cached_encode_pairs(tokenizer, examples, 8, str(tmp_path))
+    cached_encode_pairs(tokenizer, examples[:1], 64, str(tmp_path))
+    assert len(list(tmp_path.iterdir())) == 3  # another max length, other text: other entries
+    assert cached_encode_pairs(tokenizer, examples, 8, str(tmp_path)).lengths == [8, 7]
+
+
+# --- batch order: length grouping and sorted evaluation -------------------------------------------------------
+
+
+def test_length_grouped_batches_are_a_fresh_permutation_each_epoch_with_little_padding():
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 120) for _ in range(2000)]
+    sampler = LengthGroupedSampler(16, lengths, seed=3)
+
+    orders = []
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        orders.append(list(sampler))
+    sampler.set_epoch(0)
+
+    assert list(sampler) == orders[0], "the order is a function of (seed, epoch)"
+    assert orders[0] != orders[1] and sorted(orders[0]) == sorted(orders[1]) == list(range(2000))
+
+    def padding_fraction(order):
+        batches = [order[i:i + 16] for i in range(0, len(order), 16)]
+        computed = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+        return 1 - sum(lengths) / computed
+
+    assert padding_fraction(orders[0]) < 0.05
+    assert padding_fraction(list(range(2000))) > 0.3  # batches in file order (as random as the lengths)
 
 
 # --- streaming ----------------------------------------------------------------------------------------------
@@ -288,21 +353,33 @@ def stream_file(tmp_path) -> str:
     return str(write_jsonl(tmp_path / "train.json", numbered_rows(25)))
 
 
-def epoch_order(path: str, seed: int, epoch: int, buffer_size: int = 8, limit: int | None = None) -> list[int]:
+# Stream items are tokenised as they stream by; any tokenizer knowing these characters will do.
+STREAM_TOKENIZER = BertTokenizer(vocab={t: i for i, t in enumerate(SPECIAL_TOKENS + list("句子问题0123456789"))})
+
+
+def stream(path: str, seed: int, buffer_size: int = 8, limit: int | None = None, tokenizer=None):
     dataset = StreamingPairDataset(path, AFQMC, seed=seed, buffer_size=buffer_size, limit=limit)
+    dataset.encode(tokenizer or STREAM_TOKENIZER, max_length=32)
+    return dataset
+
+
+def epoch_order(path: str, seed: int, epoch: int, buffer_size: int = 8, limit: int | None = None) -> list[int]:
+    dataset = stream(path, seed, buffer_size, limit)
     dataset.set_epoch(epoch)
     return [item["index"] for item in dataset]
 
 
-def test_stream_yields_every_example_once_per_epoch(stream_file):
-    dataset = StreamingPairDataset(stream_file, AFQMC, seed=3, buffer_size=8)
+def test_stream_yields_every_example_once_per_epoch_tokenised(stream_file):
+    tokenizer = STREAM_TOKENIZER
+    dataset = stream(stream_file, seed=3)
 
     for epoch in range(3):
         dataset.set_epoch(epoch)
         seen = list(dataset)
         assert sorted(item["index"] for item in seen) == list(range(25))
-        assert all(item["example"].sentence1 == f"句子{item['index']}" for item in seen)
-        assert all(item["example"].label == item["index"] % 2 for item in seen)
+        assert all(item["label"] == item["index"] % 2 for item in seen)
+        first = tokenizer.decode(seen[0]["input_ids"], skip_special_tokens=True).replace(" ", "")
+        assert first == f"句子{seen[0]['index']}问题{seen[0]['index']}"
 
 
 def test_stream_is_shuffled(stream_file):
@@ -316,7 +393,7 @@ def test_stream_order_depends_only_on_seed_and_epoch(stream_file):
     assert epoch_order(stream_file, seed=3, epoch=2) != order
     assert epoch_order(stream_file, seed=4, epoch=1) != order
 
-    dataset = StreamingPairDataset(stream_file, AFQMC, seed=3, buffer_size=8)
+    dataset = stream(stream_file, seed=3)
     dataset.set_epoch(1)
     assert [item["index"] for item in dataset] == [item["index"] for item in dataset] == order  # no hidden state
 
@@ -354,7 +431,7 @@ def test_two_process_shards_split_each_epoch_between_processes(tmp_path, num_exa
     (same seed and epoch) and keeps its own slice of every global batch of 2 x B."""
     path = str(write_jsonl(tmp_path / "train.json", numbered_rows(num_examples)))
     batch_size = 3
-    shards = [IterableDatasetShard(StreamingPairDataset(path, AFQMC, seed=5, buffer_size=4), batch_size=batch_size,
+    shards = [IterableDatasetShard(stream(path, seed=5, buffer_size=4), batch_size=batch_size,
                                    num_processes=2, process_index=rank) for rank in (0, 1)]
     for shard in shards:
         shard.set_epoch(2)

@@ -10,7 +10,7 @@ import os
 import shutil
 
 import pytest
-from conftest import plain_hf_predict, read_jsonl, run_tool, train_args
+from conftest import history, plain_hf_predict, read_jsonl, run_tool, train_args
 from wandb_offline import read_run
 
 
@@ -27,8 +27,8 @@ def two_process_run(tiny_model, synthetic_data, tmp_path_factory):
 
 def test_every_dev_pair_is_counted_exactly_once(two_process_run):
     out, _ = two_process_run
-    history = read_jsonl(out / "metrics.jsonl")
-    assert len(history) == 8 and all(r["dev_count"] == 101 for r in history)
+    evaluations = history(out)
+    assert len(evaluations) == 8 and all(r["count"] == 101 for r in evaluations)
     assert json.loads((out / "results.json").read_text())["eval_count"] == 101
 
 
@@ -64,7 +64,10 @@ def test_the_tools_own_one_process_evaluation_agrees(two_process_run, synthetic_
 def test_files_are_written_once_by_the_main_process(two_process_run):
     out, _ = two_process_run
     names = sorted(os.listdir(out))
-    assert names == ["best", "metrics.jsonl", "predictions.jsonl", "results.json", "test_results.json", "wandb"]
+    assert names == ["best", "metrics.jsonl", "predictions.jsonl", "results.json", "run_config.json",
+                     "test_results.json", "wandb"]
+    steps = [r["step"] for r in history(out, "train")]
+    assert steps == sorted(set(steps)), "each training record once"
     runs = [d for d in os.listdir(out / "wandb") if d.startswith("offline-run-")]
     assert len(runs) == 1, "one W&B run for the whole job, from the main process"
     assert any(f.endswith(".wandb") for f in os.listdir(out / "wandb" / runs[0]))
@@ -75,13 +78,19 @@ def test_one_progress_bar_and_one_wandb_run_holding_the_results(two_process_run)
     assert result.stderr.count("train:   0%") == 1, "the progress bar is drawn by the local main process only"
     assert "samples_s=" in result.stderr and "lr=" in result.stderr and "loss=" in result.stderr
     (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
-    summary, config, history = read_run(run_file)
+    summary, config, rows = read_run(run_file)
     results = json.loads((out / "results.json").read_text())
     assert summary["best_dev_accuracy"] == results["dev_accuracy"]
     assert summary["best_step"] == results["best_step"]
     assert config["num_processes"] == 2 and config["global_batch_size"] == 32 and config["learning_rate"] == 1e-3
-    assert sum("train/loss" in row for row in history) == 16  # 128 steps, logged every 8
-    assert sum("dev/accuracy" in row and "dev/f1" in row for row in history) == 8  # one per epoch
+    assert config["num_parameters"] > 0 and "git_commit" in config and config["mixed_precision"] == "no"
+    train_rows = [row for row in rows if "train/loss" in row]
+    assert len(train_rows) == 16  # 128 steps, logged every 8
+    assert all(row["train/grad_norm"] > 0 and row["train/tokens_per_second"] > 0 for row in train_rows)
+    # W&B and metrics.jsonl hold the same numbers under the same names.
+    assert [row["train/loss"] for row in train_rows] == [r["loss"] for r in history(out, "train")]
+    dev_rows = [row for row in rows if "dev/accuracy" in row]
+    assert len(dev_rows) == 8 and all("dev/f1" in row and "dev/confusion_matrix" in row for row in dev_rows)
     test = json.loads((out / "test_results.json").read_text())
     assert summary["test/accuracy"] == test["test_accuracy"]
 

@@ -4,7 +4,7 @@ import json
 import os
 
 import pytest
-from conftest import plain_hf_predict, read_jsonl
+from conftest import history, plain_hf_predict, read_jsonl
 
 from afqmc_dist.outputs import find_best_dir, replace_dir, write_jsonl
 
@@ -29,13 +29,13 @@ def test_best_model_loads_with_plain_transformers_and_reproduces_the_tools_predi
 
 def test_results_json_records_the_best_evaluation(trained_run):
     out, _ = trained_run
-    history = read_jsonl(out / "metrics.jsonl")
+    evaluations = history(out)
     results = json.loads((out / "results.json").read_text())
-    best = max(history, key=lambda r: r["dev_accuracy"])  # the first of equals, as the tool keeps it
+    best = max(evaluations, key=lambda r: r["accuracy"])  # the first of equals, as the tool keeps it
     assert (results["best_epoch"], results["best_step"]) == (best["epoch"], best["step"])
-    assert results["dev_f1"] == best["dev_f1"]
-    assert all(r["dev_count"] == 101 for r in history)
-    assert [r["epoch"] for r in history] == list(range(1, 9))
+    assert results["dev_f1"] == best["f1"]
+    assert all(r["count"] == 101 for r in evaluations)
+    assert [r["epoch"] for r in evaluations] == list(range(1, 9))
 
 
 def test_test_results_match_an_independent_evaluation(trained_run, synthetic_data):

@@ -1,0 +1,137 @@
+r"""Predict with a trained model: one pair from the command line, or a whole JSON-lines file.
+
+    python -m afqmc_dist.predict --model OUTPUT_DIR/best "花呗如何还款" "花呗怎么还钱"
+    python -m afqmc_dist.predict --model OUTPUT_DIR/best --input pairs.json --output preds.jsonl
+    accelerate launch --config_file accelerate_config.yaml --multi_gpu --num_processes 4 \
+        -m afqmc_dist.predict --model OUTPUT_DIR/best --input pairs.json --output preds.jsonl   # a large file
+
+A pair prints one line on stdout, `LABEL<TAB>PROB`: the predicted label (from the model's id2label) and its
+probability with 6 decimals, e.g. `1<TAB>0.973112`. A file is read and checked as the tool's data files are (labels
+are not needed) and gives what `--do_predict` gives: OUTPUT holds every input line, in input order, with
+`pred_label` and `pred_prob` added; when every line has an id, CLUE's `afqmc_predict.json` is written beside it.
+Errors are one `error: ...` line on stderr, exit status 2, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+
+from .cli import make_accelerator
+from .config import DEFAULT_EVAL_BATCH, RunConfig
+from .data import PairDataset, PairExample, PairSchema, make_eval_dataloader, read_pairs
+from .errors import UserError
+from .evaluation import predict
+from .model import check_model_fits, load_trained_model
+from .outputs import PREDICTIONS, write_predictions
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors are one `error: ...` line (a UserError), as everywhere in the tool, not usage + message."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, RunConfig]:
+    """The flags, checked, and the RunConfig that the tool's data, loader and accelerator code expect."""
+    parser = _Parser(prog="python -m afqmc_dist.predict", description=__doc__, allow_abbrev=False,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("pair", nargs="*", metavar="SENTENCE", help="the two sentences of one pair")
+    parser.add_argument("--model", required=True, help="a folder written by the tool (OUTPUT_DIR/best)")
+    parser.add_argument("--input", help="JSON-lines file of pairs, instead of two sentences")
+    parser.add_argument("--output", help="the JSON-lines file the predictions of --input go to")
+    parser.add_argument("--batch_size", type=int, default=DEFAULT_EVAL_BATCH, help="pairs per batch and process "
+                        f"(default {DEFAULT_EVAL_BATCH}; batches go by length, so big ones waste little)")
+    parser.add_argument("--max_seq_length", type=int, default=128, help="tokens per pair (default 128, as training)")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    for key, what in (("sentence1", "first sentence"), ("sentence2", "second sentence"), ("id", "example id")):
+        parser.add_argument(f"--{key}_key", default=key, help=f"JSON key of the {what} (default {key})")
+    args = parser.parse_args(argv)
+    if args.input is None and len(args.pair) != 2:
+        raise UserError("give two sentences, or --input FILE --output FILE (see --help)")
+    if args.input is not None and args.pair:
+        raise UserError("give either two sentences or --input, not both")
+    if (args.input is None) != (args.output is None):
+        raise UserError("--input and --output go together")
+    if args.batch_size < 1 or args.max_seq_length < 8:
+        raise UserError("--batch_size must be > 0 and --max_seq_length at least 8")
+    if args.input is not None:
+        check_files(args.input, args.output)
+    cfg = RunConfig(sentence1_key=args.sentence1_key, sentence2_key=args.sentence2_key, id_key=args.id_key,
+                    eval_batch_size=args.batch_size, max_seq_length=args.max_seq_length, cpu=args.cpu)
+    return args, cfg
+
+
+def check_files(input_path: str, output_path: str) -> None:
+    """Before the model is loaded: the input can be read and the output written (without replacing the input)."""
+    if not os.path.isfile(input_path) or not os.access(input_path, os.R_OK):
+        raise UserError(f"--input {input_path}: no such readable file")
+    folder = os.path.dirname(os.path.abspath(output_path))
+    if os.path.isdir(output_path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise UserError(f"--output {output_path}: cannot write this file (is {folder} a writable folder?)")
+    if os.path.exists(output_path) and os.path.samefile(input_path, output_path):
+        raise UserError(f"--output {output_path} is the --input file")
+
+
+def write_output(output_path: str, examples, preds, label_list: list[str], id_key: str) -> list[str]:
+    """`write_predictions` into a scratch folder beside OUTPUT, each file then renamed into place (atomic: same
+    filesystem): predictions.jsonl to OUTPUT, afqmc_predict.json beside it. Main process only."""
+    folder = os.path.dirname(os.path.abspath(output_path))
+    scratch = tempfile.mkdtemp(prefix=".predict-", dir=folder)
+    try:
+        written = []
+        for path in write_predictions(scratch, examples, preds, label_list, id_key):
+            name = os.path.basename(path)
+            written.append(output_path if name == PREDICTIONS else os.path.join(os.path.dirname(output_path), name))
+            os.replace(path, written[-1])
+        return written
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Predict the pair or the file; call on every rank (`predict` gathers across processes)."""
+    args, cfg = parse_args(argv)
+    if args.input is None:  # the pair goes through the same path as a one-line file, checked as a line is
+        s1, s2 = args.pair
+        if not s1.strip() or not s2.strip():
+            raise UserError("the two sentences must not be empty")
+        examples = [PairExample(s1, s2, None, {cfg.sentence1_key: s1, cfg.sentence2_key: s2})]
+    else:
+        examples = read_pairs(args.input, PairSchema.from_config(cfg), require_label=False)
+    accelerator = make_accelerator(cfg)
+    model, tokenizer = load_trained_model(args.model)
+    check_model_fits(model, tokenizer, cfg.max_seq_length, args.model)
+    id2label = model.config.id2label
+    label_list = [id2label[i] for i in sorted(id2label)]
+    dataset = PairDataset(examples)
+    dataset.encode(tokenizer, cfg.max_seq_length)  # no cache: a one-off input would only fill the disk
+    model, loader = accelerator.prepare(model, make_eval_dataloader(dataset, cfg, tokenizer, accelerator))
+    preds = predict(model, loader, accelerator, desc="predict")
+    if args.input is None:
+        accelerator.print(f"{label_list[preds.pred_ids[0].item()]}\t{preds.probs[0].max().item():.6f}")
+        return
+    if accelerator.is_main_process:
+        written = write_output(args.output, examples, preds, label_list, cfg.id_key)
+        print(f"{len(preds)} predictions ({preds.samples_per_second:.0f} pairs/s) written to {', '.join(written)}")
+    accelerator.wait_for_everyone()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run; return the exit status: 2 for a user error, printed as one `error:` line (prefixed with the rank
+    under several processes, as `train.py` does)."""
+    prefix = f"[rank {os.environ.get('RANK', '0')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    try:
+        run(argv)
+    except UserError as e:
+        print(f"{prefix}error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

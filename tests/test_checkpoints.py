@@ -1,0 +1,298 @@
+"""Checkpoints, resume and preemption: a run that is killed and resumed ends exactly where an uninterrupted one
+does (same weights, same dev metrics, same metrics.jsonl), on one process and on two."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from conftest import history, kill_tree, read_jsonl, run_tool, start_tool, without_timing
+from safetensors.torch import load_file
+
+from afqmc_dist.checkpoints import check_free_space, find_latest_checkpoint
+from afqmc_dist.cli import main
+from afqmc_dist.errors import UserError
+from afqmc_dist.preemption import StopRequests
+
+# 512 pairs in batches of 16: 32 optimizer steps per epoch, 64 in all. Checkpoints every 16 steps land in the
+# middle of epoch 1 (16), at the end of epoch 1 before its evaluation (32), in the middle of epoch 2 (48), and at
+# the end (64). Logging every 10 and evaluating every 12 steps keep a partial loss window in every checkpoint.
+STEPS = 64
+
+
+def run_args(model, data, out, *extra) -> list:
+    return ["--model_checkpoint", model, "--train_file", data["train"], "--dev_file", data["dev"],
+            "--output_dir", out, "--do_train", "--learning_rate", "1e-3", "--num_train_epochs", "2",
+            "--batch_size", "16", "--logging_steps", "10", "--eval_steps", "12", "--checkpointing_steps", "16",
+            "--seed", "7", *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, synthetic_data, tmp_path_factory) -> Path:
+    """The uninterrupted run every resumed run must reproduce (dropout on, CPU, fixed seed)."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    result = run_tool(run_args(tiny_model, synthetic_data, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def wait_for(path: Path, process, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"the run ended before {path} appeared:\n{process.communicate()[1][-3000:]}"
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.01)
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / "model.safetensors")
+
+
+def assert_same_run(expected: Path, actual: Path) -> None:
+    """Final weights bit for bit, best model, best dev metrics and the whole metrics history."""
+    for folder in (f"checkpoints/step_{STEPS}", "best"):
+        want, got = tensors(expected / folder), tensors(actual / folder)
+        assert want.keys() == got.keys()
+        assert all(torch.equal(want[k], got[k]) for k in want), f"{folder} differs"
+    results = [without_timing([json.loads((out / "results.json").read_text())]) for out in (expected, actual)]
+    assert results[0] == results[1]
+    metrics = [without_timing(read_jsonl(out / "metrics.jsonl")) for out in (expected, actual)]
+    assert metrics[0] == metrics[1]
+
+
+@pytest.mark.parametrize("last_checkpoint", [16, 32, 48], ids=["mid-epoch-1", "epoch-boundary", "mid-epoch-2"])
+def test_run_killed_with_sigkill_resumes_bit_exact(reference, tiny_model, synthetic_data, tmp_path, last_checkpoint):
+    out = tmp_path / "out"
+    run = start_tool(run_args(tiny_model, synthetic_data, out))
+    wait_for(out / "checkpoints" / f"step_{last_checkpoint}", run)
+    kill_tree(run.pid)  # SIGKILL: no handler, no clean-up, what a dead node looks like
+    run.communicate()
+    assert run.returncode == -signal.SIGKILL
+    assert find_latest_checkpoint(str(out)).endswith(f"step_{last_checkpoint}")
+
+    resumed = run_tool(run_args(tiny_model, synthetic_data, out, "--resume_from_checkpoint", "latest"))
+
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / f'step_{last_checkpoint}'}: step {last_checkpoint}" in resumed.stdout
+    assert_same_run(reference, out)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT], ids=lambda s: s.name)
+def test_stop_signal_finishes_the_step_saves_and_exits_3(reference, tiny_model, synthetic_data, tmp_path, sig):
+    """What SLURM (SIGUSR1 / SIGTERM before a kill) and Ctrl-C (SIGINT) do: stop after the current step with a
+    checkpoint of that step; the resumed run ends exactly like the uninterrupted one."""
+    out = tmp_path / "out"
+    run = start_tool(run_args(tiny_model, synthetic_data, out, "--checkpointing_steps", "1000"))
+    wait_for(out / "metrics.jsonl", run)  # training has started (the first log is at step 10)
+    sent = time.monotonic()
+    run.send_signal(sig)
+    _, stderr = run.communicate(timeout=60)
+    took = time.monotonic() - sent
+
+    assert run.returncode == 3, stderr[-3000:]
+    assert took < 20, "one step (tens of ms) plus one checkpoint (a fraction of a second), with start-up slack"
+    (stopped_line,) = [line for line in stderr.splitlines() if line.startswith("stopped: ")]
+    assert f"{sig.name} received: stopped after step" in stopped_line
+    (checkpoint,) = (out / "checkpoints").iterdir()
+    step = int(checkpoint.name.removeprefix("step_"))
+    assert f"after step {step} and saved {checkpoint}" in stopped_line
+    assert 10 <= step < STEPS
+    if sig != signal.SIGTERM:
+        return
+    resumed = run_tool(run_args(tiny_model, synthetic_data, out, "--resume_from_checkpoint", "latest"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(reference, out)
+
+
+def test_first_ctrl_c_asks_to_stop_the_second_quits_at_once(fresh_accelerate_state):
+    with StopRequests(Accelerator(cpu=True)) as requests:
+        assert requests.requested() is None
+        os.kill(os.getpid(), signal.SIGINT)  # Python runs the handler before the next line
+        assert requests.requested() == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+
+
+def test_two_process_run_killed_mid_epoch_resumes_bit_exact(tiny_model, synthetic_data, tmp_path):
+    """The same on 2 processes (accelerate launch, gloo): 16 steps per epoch, checkpoint at step 12, resumed
+    across the epoch boundary. Each process restores its own RNG streams and its own partial loss window."""
+    def args(out, *extra):
+        return run_args(tiny_model, synthetic_data, out, "--checkpointing_steps", "12", "--eval_steps", "5", *extra)
+
+    reference = tmp_path / "reference"
+    result = run_tool(args(reference), script="cpu_debug_2proc.sh")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "out"
+    run = start_tool(args(out), script="cpu_debug_2proc.sh")
+    wait_for(out / "checkpoints" / "step_12", run)
+    kill_tree(run.pid)
+    run.communicate()
+    assert sorted(p.name for p in (out / "checkpoints" / "step_12").iterdir() if p.name.startswith("random")) == \
+        ["random_states_0.pkl", "random_states_1.pkl"]
+
+    resumed = run_tool(args(out, "--resume_from_checkpoint", "latest"), script="cpu_debug_2proc.sh")
+
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "step 12, epoch 1" in resumed.stdout
+    for folder in ("checkpoints/step_24", "checkpoints/step_32", "best"):
+        want, got = tensors(reference / folder), tensors(out / folder)
+        assert all(torch.equal(want[k], got[k]) for k in want), folder
+    assert without_timing(read_jsonl(out / "metrics.jsonl")) == without_timing(read_jsonl(reference / "metrics.jsonl"))
+
+
+def test_early_stopping_stops_every_process_at_the_same_step(tiny_model, synthetic_data, tmp_path):
+    """Patience 2 with an impossible threshold (+0.5 accuracy): evaluations at steps 4, 8, 12, then stop. Had one
+    process gone on, the other would wait at its next collective and the launch would hang."""
+    out = tmp_path / "out"
+    result = run_tool(["--model_checkpoint", tiny_model, "--train_file", synthetic_data["train"], "--dev_file",
+                       synthetic_data["dev"], "--output_dir", out, "--do_train", "--learning_rate", "1e-3",
+                       "--num_train_epochs", "8", "--batch_size", "16", "--eval_steps", "4",
+                       "--early_stopping_patience", "2", "--early_stopping_threshold", "0.5",
+                       "--checkpointing_steps", "epoch"], script="cpu_debug_2proc.sh", timeout=300)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "early stopping at step 12" in result.stdout
+    evaluations = history(out)
+    assert [r["step"] for r in evaluations] == [4, 8, 12]
+    best = max(evaluations, key=lambda r: r["accuracy"])
+    results = json.loads((out / "results.json").read_text())
+    assert (results["best_step"], results["dev_accuracy"]) == (best["step"], best["accuracy"])
+    # The final checkpoint is written after a barrier that both processes reached at step 12.
+    (final,) = (out / "checkpoints").iterdir()
+    assert final.name == "step_12" and (final / "random_states_1.pkl").exists()
+    assert json.loads((final / "train_state.json").read_text())["step"] == 12
+
+
+# --- incomplete and incompatible checkpoints ------------------------------------------------------------------
+
+
+@pytest.fixture
+def copied_run(reference, tmp_path) -> Path:
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    return out
+
+
+@pytest.mark.parametrize("cut", ["truncated weights", "no train_state.json", "a missing file"])
+def test_checkpoint_cut_short_is_never_taken_for_latest(copied_run, cut):
+    newest = copied_run / "checkpoints" / f"step_{STEPS}"
+    if cut == "truncated weights":
+        data = (newest / "model.safetensors").read_bytes()
+        (newest / "model.safetensors").write_bytes(data[:len(data) // 2])
+    elif cut == "no train_state.json":
+        (newest / "train_state.json").unlink()
+    else:
+        (newest / "optimizer.bin").unlink()
+    shutil.copytree(newest, copied_run / "checkpoints" / "step_80.tmp")  # a save killed before its rename
+
+    assert find_latest_checkpoint(str(copied_run)) == str(copied_run / "checkpoints" / "step_48")
+
+
+def test_resuming_from_a_named_incomplete_checkpoint_is_refused(copied_run, synthetic_data, tiny_model, capsys,
+                                                                fresh_accelerate_state):
+    newest = copied_run / "checkpoints" / f"step_{STEPS}"
+    (newest / "optimizer.bin").write_bytes(b"")
+
+    assert main([str(a) for a in run_args(tiny_model, synthetic_data, copied_run,
+                                          "--resume_from_checkpoint", newest)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: --resume_from_checkpoint {newest}: not a complete checkpoint: "
+                            "optimizer.bin has 0 bytes, ")
+    assert "\n" not in error
+
+
+@pytest.mark.parametrize(("change", "field"), [(["--batch_size", "8"], "global_batch_size"),
+                                               (["--max_seq_length", "64"], "max_seq_length"),
+                                               (["--seed", "8"], "seed")])
+def test_resuming_with_other_settings_is_refused_naming_the_field(copied_run, synthetic_data, tiny_model, capsys,
+                                                                 fresh_accelerate_state, change, field):
+    metrics_before = (copied_run / "metrics.jsonl").read_bytes()
+
+    assert main([str(a) for a in run_args(tiny_model, synthetic_data, copied_run, "--resume_from_checkpoint",
+                                          "latest", *change)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: --resume_from_checkpoint {copied_run / 'checkpoints' / f'step_{STEPS}'}: "
+                            f"{field} differs from the checkpoint's")
+    assert (copied_run / "metrics.jsonl").read_bytes() == metrics_before  # nothing touched
+
+
+def test_resuming_with_another_model_is_refused(copied_run, synthetic_data, tiny_model, tmp_path, capsys,
+                                                fresh_accelerate_state):
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_model, other)
+
+    assert main([str(a) for a in run_args(other, synthetic_data, copied_run, "--resume_from_checkpoint",
+                                          "latest")]) == 2
+    assert "model_checkpoint differs from the checkpoint's" in capsys.readouterr().err
+
+
+def test_resuming_with_other_training_data_is_refused(copied_run, synthetic_data, tiny_model, tmp_path, capsys,
+                                                      fresh_accelerate_state):
+    data = {**synthetic_data, "train": tmp_path / "train.json"}
+    lines = Path(synthetic_data["train"]).read_text(encoding="utf-8").splitlines(keepends=True)
+    data["train"].write_text("".join(reversed(lines)), encoding="utf-8")  # same pairs, other order
+
+    assert main([str(a) for a in run_args(tiny_model, data, copied_run, "--resume_from_checkpoint", "latest")]) == 2
+    assert "train_file differs from the checkpoint's (content:" in capsys.readouterr().err
+
+
+def test_latest_with_no_checkpoint_starts_afresh(tiny_model, synthetic_data, tmp_path, capsys, fresh_accelerate_state):
+    """A requeued job always passes --resume_from_checkpoint latest, including the first time it runs."""
+    out = tmp_path / "out"
+    assert main([str(a) for a in run_args(tiny_model, synthetic_data, out, "--resume_from_checkpoint", "latest",
+                                          "--num_train_epochs", "1", "--max_train_samples", "64")]) == 0
+    assert "no checkpoint in" in capsys.readouterr().out
+    assert (out / "best").is_dir()
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints_and_the_best_model(tiny_model, synthetic_data, tmp_path,
+                                                                         fresh_accelerate_state):
+    out = tmp_path / "out"
+    assert main([str(a) for a in run_args(tiny_model, synthetic_data, out, "--checkpointing_steps", "4",
+                                          "--save_total_limit", "2", "--num_train_epochs", "1")]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_28", "step_32"]
+    assert (out / "best" / "model.safetensors").exists()
+
+
+# --- a loss that blows up; the disk ----------------------------------------------------------------------------
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_model, synthetic_data, tmp_path):
+    """A learning rate of 1e30 makes the weights overflow to inf after the first update: the loss of step 2 is
+    NaN. The run stops with exit 1, names the step, and writes no checkpoint from after it."""
+    out = tmp_path / "out"
+    result = run_tool(run_args(tiny_model, synthetic_data, out, "--learning_rate", "1e30", "--checkpointing_steps",
+                               "1", "--logging_steps", "3", "--max_grad_norm", "0"))
+
+    assert result.returncode == 1, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("stopped: ")]
+    bad_step = int(line.split("NaN/inf at step ")[1].split(";")[0])
+    assert 1 <= bad_step <= 3
+    saved = sorted(int(p.name.removeprefix("step_")) for p in (out / "checkpoints").iterdir())
+    assert saved == list(range(1, bad_step))  # every step before the bad one, none after
+    for step in saved:
+        assert all(torch.isfinite(t).all() for t in tensors(out / "checkpoints" / f"step_{step}").values())
+
+
+def test_skip_nonfinite_loss_keeps_training(tiny_model, synthetic_data, tmp_path, fresh_accelerate_state):
+    out = tmp_path / "out"
+    assert main([str(a) for a in run_args(tiny_model, synthetic_data, out, "--learning_rate", "1e30",
+                                          "--num_train_epochs", "1", "--skip_nonfinite_loss")]) == 0
+    assert (out / "best").is_dir()
+
+
+def test_too_little_free_disk_is_one_clear_error(tmp_path):
+    free = shutil.disk_usage(tmp_path).free
+    check_free_space(str(tmp_path / "new" / "out"), needed=1)
+    with pytest.raises(UserError, match=r"--output_dir .*: \d+ MiB free on its disk, but a checkpoint and the best "
+                                        r"model need about \d+ MiB"):
+        check_free_space(str(tmp_path / "out"), needed=free + (1 << 40))
