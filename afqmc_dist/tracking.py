@@ -51,6 +51,7 @@ class Tracker:
                                                init_kwargs={"wandb": wandb_kwargs})
             except Exception as e:  # noqa: BLE001 - wandb raises many types (UsageError, CommError, ...)
                 failure = f"{type(e).__name__}: {first_line(e)}"
+                self.accelerator.trackers = []  # the half-started tracker must not be logged to or finished
         # Only the main process tried: tell every rank, so that all take the same branch (and stop together).
         failure = broadcast_object_list([failure])[0]
         if failure and cfg.require_tracker:

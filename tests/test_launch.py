@@ -70,7 +70,8 @@ def test_bash_syntax(script):
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_passes_arguments_through_to_train_py(script):
     text = script.read_text(encoding="utf-8")
-    assert re.search(r'train\.py "\$@"', text), f'{script.name} does not end with train.py "$@"'
+    assert re.search(r'train\.py (--resume_from_checkpoint latest )?"\$@"', text), \
+        f'{script.name} does not end with train.py "$@"'
     assert "set -euo pipefail" in text
     assert "--config_file accelerate_config.yaml" in text
 
@@ -78,10 +79,15 @@ def test_passes_arguments_through_to_train_py(script):
 # --- the scripts, run against fakes -----------------------------------------------------------------------
 
 FAKE_ACCELERATE = """#!{python}
-import json, os, sys
-with open(os.environ["FAKE_LOG"], "a") as f:
-    f.write(json.dumps({{"argv": sys.argv[1:], "cwd": os.getcwd(),
-                        "env": {{k: os.environ.get(k) for k in ("ACCELERATE_USE_CPU", "OMP_NUM_THREADS")}}}}) + "\\n")
+import json, os, signal, sys, time
+def record(**what):
+    with open(os.environ["FAKE_LOG"], "a") as f:
+        f.write(json.dumps(what) + "\\n")
+record(argv=sys.argv[1:], cwd=os.getcwd(),
+       env={{k: os.environ.get(k) for k in ("ACCELERATE_USE_CPU", "OMP_NUM_THREADS")}})
+if os.environ.get("FAKE_TRAIN_SECONDS"):  # a run that trains until SIGTERM, then saves and exits 3
+    signal.signal(signal.SIGTERM, lambda *_: (record(event="SIGTERM"), sys.exit(3)))
+    time.sleep(float(os.environ["FAKE_TRAIN_SECONDS"]))
 """
 FAKE_NVIDIA_SMI = """#!/bin/sh
 for i in 0 1 2 3; do echo "GPU $i: Fake GPU (UUID: GPU-$i)"; done
@@ -94,6 +100,8 @@ exec "$@"
 """
 FAKE_SCONTROL = """#!/bin/sh
 [ "$1 $2" = "show hostnames" ] && printf 'node-a\\nnode-b\\n'
+[ "$1" = "requeue" ] && printf '{"event": "requeue %s"}\\n' "$2" >> "$FAKE_LOG"
+exit 0
 """
 
 
@@ -132,12 +140,12 @@ def _opt(argv: list[str], flag: str) -> str | None:
     return argv[argv.index(flag) + 1] if flag in argv else None
 
 
-def _launched_once(result, launches) -> dict:
+def _launched_once(result, launches, prefix=()) -> dict:
     assert result.returncode == 0, result.stderr
     assert len(launches) == 1
     launch = launches[0]
     argv = launch["argv"]
-    assert argv[0] == "launch" and argv[argv.index("train.py") + 1:] == USER_ARGS  # passed through intact
+    assert argv[0] == "launch" and argv[argv.index("train.py") + 1:] == [*prefix, *USER_ARGS]  # passed intact
     assert launch["cwd"] == str(ROOT)  # works from anywhere: the script cd's to the repo root
     assert _opt(argv, "--config_file") == "accelerate_config.yaml"
     return launch
@@ -190,10 +198,53 @@ def test_multi_node_rejects_non_numeric_counts(run_script):
     assert result.returncode != 0 and launches == [] and "GPUS_PER_NODE" in result.stderr
 
 
+SLURM_ENV = {"SLURM_SUBMIT_DIR": str(ROOT), "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_NNODES": "2",
+             "SLURM_JOB_ID": "4242"}
+
+
 def test_slurm_sbatch(run_script):
-    env = {"SLURM_SUBMIT_DIR": str(ROOT), "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_NNODES": "2"}
-    argv = _launched_once(*run_script("slurm.sbatch", env=env))["argv"]
+    # Always resumable: a requeued job passes the same arguments and continues from its newest checkpoint.
+    argv = _launched_once(*run_script("slurm.sbatch", env=SLURM_ENV),
+                          prefix=["--resume_from_checkpoint", "latest"])["argv"]
     assert "--multi_gpu" in argv
     # machine_rank comes from the task's own SLURM_NODEID (1 in the fake srun), not the batch shell's.
     assert [_opt(argv, f) for f in ("--num_machines", "--machine_rank", "--num_processes", "--main_process_ip",
                                     "--main_process_port")] == ["2", "1", "16", "node-a", "29500"]
+
+
+def test_slurm_sbatch_on_usr1_stops_the_run_with_sigterm_and_requeues(run_script, tmp_path):
+    """SLURM's warning signal (`--signal=B:USR1@120`) reaches the batch script: it must pass SIGTERM on to the
+    run (which saves a checkpoint), wait for it to exit, and requeue the job."""
+    import signal
+    import threading
+    import time
+
+    log = tmp_path / "launches.jsonl"
+    sent = threading.Event()
+
+    def send_usr1_once_training():
+        while not (log.exists() and log.read_text()):
+            time.sleep(0.02)
+        for pid in _pids_of_script("slurm.sbatch"):
+            os.kill(pid, signal.SIGUSR1)
+        sent.set()
+
+    threading.Thread(target=send_usr1_once_training, daemon=True).start()
+    result, events = run_script("slurm.sbatch", env={**SLURM_ENV, "FAKE_TRAIN_SECONDS": "30"})
+
+    assert sent.is_set()
+    assert result.returncode == 0, result.stderr
+    assert [e.get("event") for e in events[1:]] == ["SIGTERM", "requeue 4242"]  # in this order
+    assert "requeued job 4242" in result.stderr
+
+
+def _pids_of_script(name: str) -> list[int]:
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(cmdline) > 1 and cmdline[0].endswith(b"bash") and cmdline[1].endswith(name.encode()):
+            pids.append(int(entry))
+    return pids
