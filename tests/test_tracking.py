@@ -52,6 +52,7 @@ def test_offline_run_carries_group_tags_confusion_matrix_and_the_best_model_arti
     assert {entry.path for entry in artifacts[0].manifest.contents} >= {"model.safetensors", "config.json"}
     summary, config, rows = read_run(run_file)
     (dev_row,) = [row for row in rows if "dev/accuracy" in row]
-    assert dev_row["dev/confusion_matrix"]["_type"] == "table-file"
+    # The confusion matrix is a W&B table: one row per (actual, predicted) cell of the 2 labels.
+    assert dev_row["dev/confusion_matrix/_type"] == "table-file" and dev_row["dev/confusion_matrix/nrows"] == 4
     assert summary["best_dev_accuracy"] == json.loads((out / "results.json").read_text())["dev_accuracy"]
     assert config["wandb_tags"] == ["tiny", "cpu"]
