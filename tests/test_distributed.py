@@ -90,7 +90,8 @@ def test_one_progress_bar_and_one_wandb_run_holding_the_results(two_process_run)
     # W&B and metrics.jsonl hold the same numbers under the same names.
     assert [row["train/loss"] for row in train_rows] == [r["loss"] for r in history(out, "train")]
     dev_rows = [row for row in rows if "dev/accuracy" in row]
-    assert len(dev_rows) == 8 and all("dev/f1" in row and "dev/confusion_matrix" in row for row in dev_rows)
+    assert len(dev_rows) == 8 and all("dev/f1" in row for row in dev_rows)
+    assert all(row["dev/confusion_matrix/_type"] == "table-file" for row in dev_rows)  # a W&B table
     test = json.loads((out / "test_results.json").read_text())
     assert summary["test/accuracy"] == test["test_accuracy"]
 
