@@ -953,6 +953,11 @@ def run_accuracy(settings: argparse.Namespace) -> int:
     subsets = write_subsets(source, CACHE / "data" / "accuracy", n_train, n_eval, 1)
     run_dir = CACHE / "runs" / f"accuracy-{time.strftime('%Y%m%d-%H%M%S')}"
     log(f"logs: {run_dir}; {subsets.counts['train']} train / {subsets.counts['dev']} dev pairs from {source}")
+    meta = {"machine": machine_info(settings.threads), "data_source": str(source), "counts": subsets.counts,
+            "model_dir": str(model_dir), "shape": MODEL_SHAPES["small"],
+            "settings": {k: v for k, v in vars(settings).items() if k not in ("worker", "spec")}}
+    output = settings.accuracy_output or str(CACHE / "accuracy-quick.json" if settings.quick
+                                             else BENCH / "results" / "accuracy.json")
     results = []
     for seed in (int(s) for s in parse_list(settings.seeds)):
         spec = {**common_spec(settings, model_dir, subsets, "fp32", seed), "predict_file": None,
@@ -960,16 +965,11 @@ def run_accuracy(settings: argparse.Namespace) -> int:
         for row in rows:
             results.append(accuracy_run(row, spec, settings, run_dir / f"accuracy-{row}-seed{seed}"))
             log(f"[{row} seed {seed}] {results[-1]}")
+            write_output(output, {"meta": meta, "results": results})  # after every run: hours of work are kept
 
     print(f"## Dev accuracy after one epoch: small model, {subsets.counts['train']} train / {subsets.counts['dev']} "
           f"dev pairs ({source}), lr {settings.accuracy_learning_rate}, batch {settings.batch_size}\n")
     print(render_accuracy(results, rows))
-    meta = {"machine": machine_info(settings.threads), "data_source": str(source), "counts": subsets.counts,
-            "model_dir": str(model_dir), "shape": MODEL_SHAPES["small"],
-            "settings": {k: v for k, v in vars(settings).items() if k not in ("worker", "spec")}}
-    write_output(settings.accuracy_output or str(CACHE / "accuracy-quick.json" if settings.quick
-                                                 else BENCH / "results" / "accuracy.json"),
-                 {"meta": meta, "results": results})
     return 0
 
 
