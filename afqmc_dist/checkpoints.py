@@ -37,7 +37,7 @@ class TrainState:
     batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed (per process)
     best: dict | None = None  # the best dev record so far (see training.py)
     evals_without_improvement: int = 0
-    window: list[list[float]] = field(default_factory=list)  # per rank: loss sum, real tokens, all tokens, batches
+    window: list[list[float]] = field(default_factory=list)  # per rank: loss sum, pairs, real tokens, all tokens
     wandb_run_id: str | None = None
     fingerprint: dict = field(default_factory=dict)
     files: dict[str, int] = field(default_factory=dict)  # file name -> size in bytes, for the completeness check
@@ -138,7 +138,7 @@ def file_digest(path: str) -> str:
     return digest.hexdigest()
 
 
-def run_fingerprint(cfg, model, num_processes: int) -> dict:
+def run_fingerprint(cfg, model, plan) -> dict:
     """What must not change between a run and its resumption: the model, the data, and how batches are drawn."""
     return {
         "model_checkpoint": cfg.model_checkpoint,
@@ -149,9 +149,11 @@ def run_fingerprint(cfg, model, num_processes: int) -> dict:
         "max_train_samples": cfg.max_train_samples,
         "max_seq_length": cfg.max_seq_length,
         "label_list": list(cfg.label_list),
-        "global_batch_size": cfg.global_batch_size(num_processes),
+        "global_batch_size": plan.global_batch,
         "seed": cfg.seed,
         "group_by_length": cfg.group_by_length,
+        "length_group_size": cfg.length_group_size if cfg.group_by_length else None,
+        "dataloader_drop_last": cfg.dataloader_drop_last,
         "streaming": cfg.streaming,
     }
 

@@ -44,10 +44,11 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
             cpu=cfg.cpu,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             log_with="wandb" if cfg.report_to == "wandb" else None,
-            # Seedable sampler: the shuffle of epoch e depends only on (seed, e), on every rank.
-            # No dispatching: with --streaming every process reads the file and keeps its share of each batch.
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed,
-                                                      dispatch_batches=False),
+            # split_batches: a DataLoader batch holds the pairs of every process (one micro-batch of a global
+            # batch) and each process takes its slice, so the global batches are the same on any number of
+            # processes (sampling.py). No dispatching: with --streaming every process reads the file and keeps
+            # its share of each batch.
+            dataloader_config=DataLoaderConfiguration(split_batches=True, dispatch_batches=False),
         )
     except ValueError as e:  # e.g. bf16 asked of a device without it
         raise UserError(f"accelerate cannot set up this run: {e}") from None
@@ -55,6 +56,13 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
         raise UserError("fp16 mixed precision was requested but this run is on the CPU, where fp16 does "
                         "nothing; use --mixed_precision bf16 (or no)")
     return accelerator
+
+
+def release_models(accelerator) -> None:
+    """Free the prepared models (the caller drops its own references first). Call before the process group is
+    destroyed: a DDP wrapper freed after it would destroy the gloo group from its reducer without releasing the
+    GIL, and a gloo thread finishing a collective needs the GIL: the process would hang at exit."""
+    accelerator.free_memory()
 
 
 def check_trained_model(cfg) -> None:
@@ -74,9 +82,9 @@ def load_best_model(cfg, accelerator):
     return accelerator.prepare(model), tokenizer
 
 
-def run_test(cfg, accelerator, model, tokenizer, dataset, positive_id: int, tracker) -> dict:
+def run_test(cfg, plan, accelerator, model, tokenizer, dataset, positive_id: int, tracker) -> dict:
     """Evaluate the best model on the labelled --test_file; write test_results.json."""
-    loader = accelerator.prepare(make_eval_dataloader(dataset, cfg, tokenizer, accelerator))
+    loader = accelerator.prepare(make_eval_dataloader(dataset, cfg, plan, tokenizer, accelerator))
     metrics = evaluate(model, loader, accelerator, positive_id, desc="test")
     if accelerator.is_main_process:
         write_json(os.path.join(cfg.output_dir, TEST_RESULTS), {f"test_{k}": v for k, v in metrics.items()})
@@ -85,9 +93,9 @@ def run_test(cfg, accelerator, model, tokenizer, dataset, positive_id: int, trac
     return metrics
 
 
-def run_predict(cfg, accelerator, model, tokenizer, dataset, tracker) -> list[str]:
+def run_predict(cfg, plan, accelerator, model, tokenizer, dataset, tracker) -> list[str]:
     """Predict every line of --predict_file (default --test_file) with the best model, in input order."""
-    loader = accelerator.prepare(make_eval_dataloader(dataset, cfg, tokenizer, accelerator))
+    loader = accelerator.prepare(make_eval_dataloader(dataset, cfg, plan, tokenizer, accelerator))
     preds = predict(model, loader, accelerator, desc="predict")
     tracker.log({"samples_per_second": preds.samples_per_second, "count": len(preds)}, prefix="predict")
     written = []
@@ -97,7 +105,7 @@ def run_predict(cfg, accelerator, model, tokenizer, dataset, tracker) -> list[st
     return written
 
 
-def prepare_resume(cfg, model, accelerator) -> tuple[str | None, str | None]:
+def prepare_resume(cfg, plan, model, accelerator) -> tuple[str | None, str | None]:
     """The checkpoint to resume from (None: start fresh) and its W&B run id, after checking that it belongs to
     this run (same model, data, global batch, ...)."""
     path = resolve_resume(cfg) if cfg.resume_from_checkpoint else None
@@ -106,7 +114,7 @@ def prepare_resume(cfg, model, accelerator) -> tuple[str | None, str | None]:
     if path is None:
         return None, None
     state = read_state(path)
-    check_compatible(path, state.fingerprint, run_fingerprint(cfg, model, accelerator.num_processes))
+    check_compatible(path, state.fingerprint, run_fingerprint(cfg, model, plan))
     return path, state.wandb_run_id
 
 
@@ -114,16 +122,19 @@ def run(cfg: RunConfig) -> None:
     started = time.time()
     # --- setup: everything that can be wrong with the inputs is found before anything is written ---
     accelerator = make_accelerator(cfg)
+    plan = cfg.batch_plan(accelerator.num_processes)
     set_seed(cfg.seed)
     accelerator.print(f"{accelerator.num_processes} process(es), device {accelerator.device.type}, "
                       f"precision {accelerator.mixed_precision}, distributed {accelerator.distributed_type}")
+    if cfg.do_train:
+        accelerator.print(f"global batch {plan.global_batch} = {plan.per_device} per process x "
+                          f"{plan.num_processes} process(es) x {plan.accumulation} accumulation step(s)")
     schema = PairSchema.from_config(cfg)
     positive_id = schema.label2id[cfg.positive_label]
     datasets = load_datasets(cfg, schema)
     if not cfg.do_train:
         check_trained_model(cfg)
-    run_info = {"num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
-                "global_batch_size": cfg.global_batch_size(accelerator.num_processes), "git_commit": git_commit()}
+    run_info = {**plan.describe(), "mixed_precision": accelerator.mixed_precision, "git_commit": git_commit()}
     resume_from = wandb_id = None
     if cfg.do_train:
         # The main process downloads a hub checkpoint first; the others then read it from the cache.
@@ -132,7 +143,7 @@ def run(cfg: RunConfig) -> None:
         run_info["num_parameters"] = model.num_parameters()
         needed = estimate_checkpoint_bytes(model.num_parameters())
         check_free_space(cfg.output_dir, needed if cfg.checkpointing_steps else needed // 4)
-        resume_from, wandb_id = prepare_resume(cfg, model, accelerator)
+        resume_from, wandb_id = prepare_resume(cfg, plan, model, accelerator)
         encode_datasets({k: datasets[k] for k in ("train", "dev")}, tokenizer, cfg, accelerator)
         if cfg.torch_compile:
             model.compile()  # in place: parameter names (and so saved checkpoints) stay those of the model
@@ -145,8 +156,8 @@ def run(cfg: RunConfig) -> None:
     # --- train ---
     summary = {}
     if cfg.do_train:
-        fingerprint = run_fingerprint(cfg, model, accelerator.num_processes)
-        summary = train(cfg, accelerator, model, tokenizer, datasets["train"], datasets["dev"], positive_id,
+        fingerprint = run_fingerprint(cfg, model, plan)
+        summary = train(cfg, plan, accelerator, model, tokenizer, datasets["train"], datasets["dev"], positive_id,
                         tracker, fingerprint, resume_from)
         if accelerator.is_main_process:
             write_json(os.path.join(cfg.output_dir, RESULTS), summary)
@@ -162,15 +173,17 @@ def run(cfg: RunConfig) -> None:
         encode_datasets({k: datasets[k] for k in ("test", "predict") if k in datasets}, tokenizer, cfg, accelerator)
         if cfg.do_test:
             summary.update({f"test_{k}": v for k, v in
-                            run_test(cfg, accelerator, model, tokenizer, datasets["test"], positive_id,
+                            run_test(cfg, plan, accelerator, model, tokenizer, datasets["test"], positive_id,
                                      tracker).items()})
         if cfg.do_predict:
-            written = run_predict(cfg, accelerator, model, tokenizer, datasets["predict"], tracker)
+            written = run_predict(cfg, plan, accelerator, model, tokenizer, datasets["predict"], tracker)
 
     # --- cleanup ---
     if cfg.do_train and cfg.wandb_log_model:
         tracker.log_model(cfg.output_dir, name=f"{cfg.run_name or 'afqmc'}-best")
-    tracker.finish()
+    model = None
+    release_models(accelerator)
+    tracker.finish()  # ends the trackers and the process group
     accelerator.print(run_summary(cfg, summary, written, time.time() - started))
 
 

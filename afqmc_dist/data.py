@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -20,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
-from transformers import trainer_pt_utils
 
 from .errors import UserError
+from .sampling import GlobalBatchSampler, epoch_seed
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,9 @@ def cached_encode_pairs(tokenizer, examples: list[PairExample], max_length: int,
 class PairDataset(Dataset):
     """Map-style dataset over examples held in memory, tokenised once by `encode`.
 
-    Item i is `{"index": i, "input_ids": [T_i], "token_type_ids": [T_i], "label": class id or None}`.
+    Item i is `{"index": i, "input_ids": [T_i], "token_type_ids": [T_i], "label": class id or None, "weight": 1.0}`.
+    Item N + i (N = len) is a copy of item i with weight 0.0: padding that tops up the last global batch so that
+    every process has a share of it, without counting any pair twice (see sampling.py).
     """
 
     def __init__(self, examples: list[PairExample]):
@@ -217,9 +220,12 @@ class PairDataset(Dataset):
         return len(self.examples)
 
     def __getitem__(self, i: int) -> dict:
+        n = len(self.examples)
+        weight = 1.0 if i < n else 0.0
+        i = i if i < n else i - n
         input_ids, token_type_ids = self.encodings[i]
         return {"index": i, "input_ids": input_ids, "token_type_ids": token_type_ids,
-                "label": self.examples[i].label}
+                "label": self.examples[i].label, "weight": weight}
 
 
 class StreamingPairDataset(IterableDataset):
@@ -229,12 +235,14 @@ class StreamingPairDataset(IterableDataset):
     run before training and the scheduler knows the number of steps. Each epoch streams the file through a
     shuffle buffer seeded by (seed, epoch): every process produces the same stream, and accelerate's
     `IterableDatasetShard` (set up by `accelerator.prepare`) keeps each process's share of every global batch.
-    Items are those of `PairDataset`, tokenised as they stream by (after `encode` has set the tokenizer).
+    Items are those of `PairDataset`, tokenised as they stream by (after `encode` has set the tokenizer). With
+    `pad_to` > 1, the stream ends with weight-0 copies of its first items, up to a multiple of `pad_to` (the
+    micro-batch, on several processes: see sampling.py).
     """
 
     def __init__(self, path: str, schema: PairSchema, seed: int, buffer_size: int, limit: int | None = None):
         self.path, self.schema, self.seed, self.buffer_size, self.limit = path, schema, seed, buffer_size, limit
-        self.epoch = 0
+        self.epoch, self.pad_to = 0, 1
         self.tokenizer, self.max_length = None, None
         count = sum(1 for _ in iter_pairs(path, schema, require_label=True))
         if count == 0:
@@ -253,10 +261,11 @@ class StreamingPairDataset(IterableDataset):
     def _item(self, i: int, example: PairExample) -> dict:
         encodings = encode_pairs(self.tokenizer, [example], self.max_length)
         input_ids, token_type_ids = encodings[0]
-        return {"index": i, "input_ids": input_ids, "token_type_ids": token_type_ids, "label": example.label}
+        return {"index": i, "input_ids": input_ids, "token_type_ids": token_type_ids, "label": example.label,
+                "weight": 1.0}
 
-    def __iter__(self):
-        rng = random.Random(self.seed * 100_003 + self.epoch)
+    def _shuffled(self) -> Iterator[dict]:
+        rng = random.Random(epoch_seed(self.seed, self.epoch))
         buffer: list[tuple[int, PairExample]] = []
         for i, example in enumerate(iter_pairs(self.path, self.schema, require_label=True)):
             if i >= self.num_examples:
@@ -271,25 +280,15 @@ class StreamingPairDataset(IterableDataset):
         rng.shuffle(buffer)
         yield from (self._item(*item) for item in buffer)
 
-
-class LengthGroupedSampler(trainer_pt_utils.LengthGroupedSampler):
-    """transformers' length-grouped sampler (random mega-batches of 50 batches, each sorted by length), with an
-    order that is a function of (seed, epoch) only, as accelerate's seedable sampler: `set_epoch` picks it.
-
-    Under several processes, accelerate deals out consecutive batches to the processes, so at every step all
-    processes hold batches of similar length (no process waits on another's long batch).
-    """
-
-    def __init__(self, batch_size: int, lengths: list[int], seed: int):
-        super().__init__(batch_size, lengths=lengths)
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def __iter__(self):
-        self.generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return super().__iter__()
+        missing = -self.num_examples % self.pad_to
+        first = []
+        for item in self._shuffled():
+            if len(first) < missing:
+                first.append(item)
+            yield item
+        for item in itertools.islice(itertools.cycle(first), missing):
+            yield {**item, "weight": 0.0}
 
 
 class PairCollator:
@@ -297,7 +296,8 @@ class PairCollator:
 
     Output: input_ids, token_type_ids, attention_mask `[B, T]`, with T the longest pair of the batch (rounded up
     to `pad_to_multiple_of`); `index` `[B]` (position in the dataset, to put gathered predictions back in
-    order); `labels` `[B]` when every item has one.
+    order); `weight` `[B]` float (1, or 0 for padding copies that must not count); `labels` `[B]` when every item
+    has one.
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
@@ -316,7 +316,8 @@ class PairCollator:
             token_type_ids[row, :length] = item["token_type_ids"]
             attention_mask[row, :length] = 1
         batch = {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask,
-                 "index": torch.tensor([item["index"] for item in items])}
+                 "index": torch.tensor([item["index"] for item in items]),
+                 "weight": torch.tensor([item.get("weight", 1.0) for item in items])}
         if all(item["label"] is not None for item in items):
             batch["labels"] = torch.tensor([item["label"] for item in items])
         return batch
@@ -360,31 +361,37 @@ def _loader_options(cfg, tokenizer, accelerator) -> dict:
             "num_workers": cfg.dataloader_num_workers}
 
 
-def make_train_dataloader(dataset: Dataset, cfg, tokenizer, accelerator) -> DataLoader:
-    """The training DataLoader (before `accelerator.prepare`): length-grouped (default) or plainly shuffled
-    batches, or the stream's order with --streaming. Every order is a function of (seed, epoch).
+def make_train_dataloader(dataset: Dataset, cfg, plan, tokenizer, accelerator) -> DataLoader:
+    """The training DataLoader (before `accelerator.prepare`, which must split its batches: split_batches=True).
+
+    Each batch is one micro-batch of `plan.micro_batch` pairs from the stream of global batches (sampling.py):
+    length-grouped (default) or plainly shuffled, or the file's shuffled stream with --streaming. Every order is
+    a function of (seed, epoch) and of the global batch size, not of the number of processes.
 
     The loader gets its own seeded generator so that creating its iterator does not draw from the global torch
     RNG (which also drives dropout): the data order and the dropout stream stay independent and repeatable.
     """
     options = _loader_options(cfg, tokenizer, accelerator)
+    # One process can take a short last micro-batch; several must each get a share of every micro-batch.
+    pad_to = plan.micro_batch if plan.num_processes > 1 else 1
     if isinstance(dataset, IterableDataset):
-        return DataLoader(dataset, batch_size=cfg.batch_size, **options)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    if cfg.group_by_length:
-        sampler = LengthGroupedSampler(cfg.batch_size, dataset.lengths, cfg.seed)
-        return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, generator=generator, **options)
-    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator, **options)
+        dataset.pad_to = pad_to
+        return DataLoader(dataset, batch_size=plan.micro_batch, **options)
+    sampler = GlobalBatchSampler(len(dataset), plan.global_batch, cfg.seed,
+                                 lengths=dataset.lengths if cfg.group_by_length else None,
+                                 group_size=cfg.length_group_size, drop_last=cfg.dataloader_drop_last, pad_to=pad_to)
+    return DataLoader(dataset, batch_size=plan.micro_batch, sampler=sampler,
+                      generator=torch.Generator().manual_seed(cfg.seed), **options)
 
 
-def make_eval_dataloader(dataset: PairDataset, cfg, tokenizer, accelerator) -> DataLoader:
+def make_eval_dataloader(dataset: PairDataset, cfg, plan, tokenizer, accelerator) -> DataLoader:
     """A DataLoader over `dataset` (dev, test or predict input), longest pairs first, before `accelerate.prepare`.
 
     Sorting by length makes large eval batches cheap (almost no padding); `predict` puts the results back in
-    file order through each item's `index`.
+    file order through each item's `index`. A batch holds `plan.eval_per_device` pairs per process.
     """
     lengths = dataset.lengths
     by_length = sorted(range(len(dataset)), key=lambda i: -lengths[i])
     # Its own generator: iterating it must not draw from the global RNG that drives dropout in training.
-    return DataLoader(dataset, batch_size=cfg.per_device_eval_batch_size, sampler=by_length,
+    return DataLoader(dataset, batch_size=plan.eval_per_device * plan.num_processes, sampler=by_length,
                       generator=torch.Generator().manual_seed(cfg.seed), **_loader_options(cfg, tokenizer, accelerator))

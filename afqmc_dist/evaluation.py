@@ -54,6 +54,7 @@ def predict(model, dataloader, accelerator, desc: str = "eval") -> Predictions:
     with torch.inference_mode():
         for batch in bar:
             index = batch.pop("index")
+            batch.pop("weight")  # all 1: accelerate's own padding of the last batch is dropped by the gather
             batch_labels = batch.pop("labels", None)
             logits = model(**batch).logits.float()
             # gather_for_metrics drops the samples accelerate repeated to even out the last batch across

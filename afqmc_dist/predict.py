@@ -20,7 +20,7 @@ import shutil
 import sys
 import tempfile
 
-from .cli import make_accelerator
+from .cli import make_accelerator, release_models
 from .config import DEFAULT_EVAL_BATCH, RunConfig
 from .data import PairDataset, PairExample, PairSchema, make_eval_dataloader, read_pairs
 from .errors import UserError
@@ -110,15 +110,18 @@ def run(argv: list[str] | None = None) -> None:
     label_list = [id2label[i] for i in sorted(id2label)]
     dataset = PairDataset(examples)
     dataset.encode(tokenizer, cfg.max_seq_length)  # no cache: a one-off input would only fill the disk
-    model, loader = accelerator.prepare(model, make_eval_dataloader(dataset, cfg, tokenizer, accelerator))
+    plan = cfg.batch_plan(accelerator.num_processes)
+    model, loader = accelerator.prepare(model, make_eval_dataloader(dataset, cfg, plan, tokenizer, accelerator))
     preds = predict(model, loader, accelerator, desc="predict")
     if args.input is None:
         accelerator.print(f"{label_list[preds.pred_ids[0].item()]}\t{preds.probs[0].max().item():.6f}")
-        return
-    if accelerator.is_main_process:
+    elif accelerator.is_main_process:
         written = write_output(args.output, examples, preds, label_list, cfg.id_key)
         print(f"{len(preds)} predictions ({preds.samples_per_second:.0f} pairs/s) written to {', '.join(written)}")
     accelerator.wait_for_everyone()
+    model = None
+    release_models(accelerator)
+    accelerator.end_training()  # ends the process group
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,9 @@ identical on all ranks, so every rank enters the same collectives in the same or
 A run can be stopped and resumed at any optimizer step (see checkpoints.py): the data order is a function of
 (seed, epoch), the dataloaders have their own generators (so the global RNG, which drives dropout, only moves
 with the model), and a resumed run skips exactly the batches already consumed in its epoch.
+
+The gradient of every optimizer step is the mean over exactly the pairs of its global batch (sampling.py),
+however they are spread over processes and accumulation steps: see `pair_loss`.
 """
 
 from __future__ import annotations
@@ -17,15 +20,17 @@ import time
 
 import torch
 from accelerate.utils import broadcast_object_list
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .checkpoints import TrainState, read_state, restore_metrics, save_checkpoint
 from .data import make_eval_dataloader, make_train_dataloader
-from .errors import TrainingStopped
+from .errors import TrainingStopped, UserError
 from .evaluation import evaluate
 from .outputs import RESULTS, save_best_model, write_json
 from .preemption import StopRequests
+from .sampling import global_batch_sizes, micro_batches_per_epoch
 
 NO_DECAY = ("bias", "LayerNorm.weight", "norm.weight")  # suffixes of parameter names
 
@@ -45,17 +50,32 @@ def make_optimizer(model, cfg, device: torch.device) -> torch.optim.AdamW:
                              eps=cfg.adam_epsilon, fused=device.type in ("cuda", "cpu") or None)
 
 
+def pair_loss(model, batch: dict, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward one micro-batch; return (the loss to backpropagate, the summed cross-entropy of its real pairs).
+
+    `batch` holds the model inputs, `labels` and `weight` (0 for padding copies). The loss is
+    sum(weight x cross-entropy) x `scale`, with scale = processes x accumulation / real pairs of the global
+    batch: accelerate divides it by the accumulation steps and DDP (or FSDP, DeepSpeed) averages gradients over
+    the processes, so the step's gradient is the mean over exactly the global batch's pairs.
+    """
+    weight, labels = batch.pop("weight"), batch.pop("labels")
+    logits = model(**batch).logits.float()  # [B, num_labels]
+    summed = (nn.functional.cross_entropy(logits, labels, reduction="none") * weight).sum()
+    return summed * scale, summed.detach()
+
+
 class Throughput:
     """Training counters kept on the device between log points (reading them every step would stall a GPU).
 
-    `window` holds [loss sum, real tokens, all tokens, micro-batches] since the last log. Time is counted only
-    while training steps run (`start`/`stop` around evaluation and saving); totals cover the whole run.
+    `window` holds [summed loss, real pairs, real tokens, all tokens] since the last log (padding copies count
+    as padding tokens, not as pairs). Time is counted only while training steps run (`start`/`stop` around
+    evaluation and saving); totals cover the whole run.
     """
 
     def __init__(self, device):
         self.window = torch.zeros(4, dtype=torch.float64, device=device)
-        self.window_samples, self.window_seconds, self.started = 0, 0.0, None
-        self.total_samples, self.total_seconds, self.total_real, self.total_all = 0, 0.0, 0.0, 0.0
+        self.window_seconds, self.started = 0.0, None
+        self.total_samples, self.total_seconds, self.total_real, self.total_all = 0.0, 0.0, 0.0, 0.0
 
     def start(self) -> None:
         self.started = time.perf_counter()
@@ -67,37 +87,36 @@ class Throughput:
             self.total_seconds += seconds
             self.started = None
 
-    def add(self, loss, batch) -> None:
-        mask = batch["attention_mask"]
-        one = torch.ones((), dtype=torch.float64, device=mask.device)
-        self.window += torch.stack([loss.detach().double(), mask.sum().double(), one * mask.numel(), one])
-        self.window_samples += mask.shape[0]
-        self.total_samples += mask.shape[0]
+    def add(self, summed_loss, weight, attention_mask) -> None:
+        real_tokens = (attention_mask.sum(dim=1) * weight).sum()
+        all_tokens = torch.full((), attention_mask.numel(), device=weight.device)
+        self.window += torch.stack([summed_loss, weight.sum(), real_tokens, all_tokens]).double()
 
     def read(self, accelerator) -> dict:
         """Reduce the window across processes (a collective: call on every rank), return its numbers, restart."""
         self.stop()
-        loss_sum, real, total, batches = accelerator.reduce(self.window, reduction="sum").tolist()
+        loss_sum, pairs, real, total = accelerator.reduce(self.window, reduction="sum").tolist()
         seconds = max(self.window_seconds, 1e-9)
-        stats = {"loss": loss_sum / batches if batches else math.nan,  # nan: every batch was skipped
-                 "samples_per_second": self.window_samples * accelerator.num_processes / seconds,
+        stats = {"loss": loss_sum / pairs if pairs else math.nan,  # nan: every batch was skipped
+                 "samples_per_second": pairs / seconds,
                  "tokens_per_second": real / seconds, "padding_fraction": 1 - real / total if total else 0.0}
+        self.total_samples += pairs
         self.total_real += real
         self.total_all += total
         self.window.zero_()
-        self.window_samples, self.window_seconds = 0, 0.0
+        self.window_seconds = 0.0
         self.start()
         return stats
 
-    def summary(self, num_processes: int) -> dict:
+    def summary(self) -> dict:
         seconds = max(self.total_seconds, 1e-9)
         return {"train_runtime": round(self.total_seconds, 3),
-                "train_samples_per_second": self.total_samples * num_processes / seconds,
+                "train_samples_per_second": self.total_samples / seconds,
                 "train_tokens_per_second": self.total_real / seconds,
                 "train_padding_fraction": 1 - self.total_real / max(self.total_all, 1.0)}
 
 
-def train(cfg, accelerator, model, tokenizer, train_set, dev_set, positive_id: int, tracker,
+def train(cfg, plan, accelerator, model, tokenizer, train_set, dev_set, positive_id: int, tracker,
           fingerprint: dict, resume_from: str | None = None) -> dict:
     """Fine-tune `model`, evaluating on the dev file after every epoch (and every `cfg.eval_steps`).
 
@@ -108,18 +127,22 @@ def train(cfg, accelerator, model, tokenizer, train_set, dev_set, positive_id: i
     non-finite loss.
     """
     # --- setup ---
-    train_loader = make_train_dataloader(train_set, cfg, tokenizer, accelerator)
-    dev_loader = make_eval_dataloader(dev_set, cfg, tokenizer, accelerator)
+    train_loader = make_train_dataloader(train_set, cfg, plan, tokenizer, accelerator)
+    dev_loader = make_eval_dataloader(dev_set, cfg, plan, tokenizer, accelerator)
     optimizer = make_optimizer(model, cfg, accelerator.device)
     model, optimizer, train_loader, dev_loader = accelerator.prepare(model, optimizer, train_loader, dev_loader)
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
+    # Real pairs of each global batch of an epoch (the same every epoch): the steps, and each step's loss scale.
+    batch_sizes = global_batch_sizes(len(train_set), plan.global_batch, cfg.dataloader_drop_last)
+    if not batch_sizes:
+        raise UserError(f"--dataloader_drop_last: the {len(train_set)} training pairs do not fill one global batch "
+                        f"of {plan.global_batch}")
+    micro_batches = micro_batches_per_epoch(batch_sizes, plan.micro_batch)
+    steps_per_epoch = len(batch_sizes)
     total_steps = steps_per_epoch * cfg.num_train_epochs
-    # A prepared scheduler steps once per process for every optimizer step (accelerate's convention for
-    # per-device batches), so its horizon is counted in those units.
-    scale = accelerator.num_processes
+    # split_batches: the prepared scheduler steps once per optimizer step, whatever the number of processes.
     scheduler = accelerator.prepare(get_scheduler(
-        "linear", optimizer, num_warmup_steps=int(cfg.warmup_proportion * total_steps) * scale,
-        num_training_steps=total_steps * scale))
+        "linear", optimizer, num_warmup_steps=int(cfg.warmup_proportion * total_steps),
+        num_training_steps=total_steps))
 
     state = TrainState(fingerprint=fingerprint, wandb_run_id=tracker.wandb_run_id)
     counters = Throughput(accelerator.device)
@@ -134,10 +157,8 @@ def train(cfg, accelerator, model, tokenizer, train_set, dev_set, positive_id: i
                                             device=accelerator.device)
         accelerator.print(f"resumed from {resume_from}: step {state.step}, epoch {state.epoch}, "
                           f"{state.batches_in_epoch} batches into it")
-    accelerator.print(f"training: {len(train_set)} pairs, {cfg.num_train_epochs} epochs, "
-                      f"{total_steps} optimizer steps, global batch {cfg.global_batch_size(accelerator.num_processes)} "
-                      f"({cfg.batch_size} per process x {accelerator.num_processes} processes x "
-                      f"{cfg.gradient_accumulation_steps} accumulation)")
+    accelerator.print(f"training: {len(train_set)} pairs, {cfg.num_train_epochs} epoch(s) of {steps_per_epoch} "
+                      f"optimizer steps, {micro_batches} micro-batches per process and epoch")
 
     # The first non-finite loss, recorded on the device (no sync) and checked where the loop syncs anyway.
     first_bad_step = torch.full((), -1, dtype=torch.long, device=accelerator.device)
@@ -195,15 +216,17 @@ def train(cfg, accelerator, model, tokenizer, train_set, dev_set, positive_id: i
     stopped_early, saved, saved_at = False, None, None
     with StopRequests(accelerator) as stop_requests, progress:
         while state.epoch <= cfg.num_train_epochs and not stopped_early:
-            train_loader.set_epoch(state.epoch - 1)  # the shuffle is a function of (seed, epoch)
+            train_loader.set_epoch(state.epoch - 1)  # the order is a function of (seed, epoch)
             # A resumed epoch skips the batches it already trained on (same order: same seed and epoch).
             batches = accelerator.skip_first_batches(train_loader, state.batches_in_epoch) \
                 if state.batches_in_epoch else train_loader
             counters.start()
             for batch in batches:
                 batch.pop("index")
+                weight, mask = batch["weight"], batch["attention_mask"]
+                real_pairs = batch_sizes[state.batches_in_epoch // plan.accumulation]
                 with accelerator.accumulate(model):
-                    loss = model(**batch).loss
+                    loss, summed = pair_loss(model, batch, plan.num_processes * plan.accumulation / real_pairs)
                     accelerator.backward(loss)
                     skip = False
                     if accelerator.sync_gradients:
@@ -217,12 +240,12 @@ def train(cfg, accelerator, model, tokenizer, train_set, dev_set, positive_id: i
                         optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad()
-                finite = torch.isfinite(loss.detach())
+                finite = torch.isfinite(summed)
                 if not cfg.skip_nonfinite_loss:
                     first_bad_step.copy_(torch.where((first_bad_step < 0) & ~finite, state.step + 1, first_bad_step))
-                    counters.add(loss, batch)
+                    counters.add(summed, weight, mask)
                 elif finite.item():
-                    counters.add(loss, batch)
+                    counters.add(summed, weight, mask)
                 state.batches_in_epoch += 1
                 if not accelerator.sync_gradients:
                     continue
@@ -256,4 +279,4 @@ def train(cfg, accelerator, model, tokenizer, train_set, dev_set, positive_id: i
     if cfg.checkpoint_interval and state.step % cfg.checkpoint_interval != 0:
         checkpoint()  # the final state, so that a finished run can be inspected or extended
     tracker.summarize({"train_steps": state.step})
-    return {**state.best, **counters.summary(accelerator.num_processes)}
+    return {**state.best, **counters.summary()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -124,18 +125,36 @@ def _command(args: list, script: str | None, env: dict | None) -> tuple[list[str
     args = [str(a) for a in args]
     command = ["bash", str(ROOT / "launch" / script), *args] if script else [sys.executable, "train.py", *args]
     full_env = {**os.environ, "WANDB_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-                "MAIN_PROCESS_PORT": str(free_port()), **(env or {})}
+                "MAIN_PROCESS_PORT": str(free_port()), "PYTHONFAULTHANDLER": "1", **(env or {})}
     return command, full_env
 
 
 def run_tool(args: list, script: str | None = None, env: dict | None = None,
-             timeout: int = 600) -> subprocess.CompletedProcess:
+             timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `python train.py ARGS`, or `launch/SCRIPT ARGS` (real `accelerate launch`), in a fresh process.
 
     W&B is disabled unless `env` says otherwise; the venv running the tests provides `accelerate` on PATH.
+    A run still going after `timeout` seconds fails the test with every process's Python stack (see `stacks_of`).
     """
-    command, full_env = _command(args, script, env)
-    return subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    process = start_tool(args, script, env)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{' '.join(process.args[:3])} ... still running after {timeout} s; where each process was:\n"
+                    f"{stacks_of(process)}", pytrace=False)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def stacks_of(process: subprocess.Popen) -> str:
+    """End a hung run and return the end of its stderr, where faulthandler (PYTHONFAULTHANDLER=1, set for every
+    run) has written each process's Python stack on SIGABRT."""
+    kill_tree(process.pid, signal.SIGABRT)
+    try:
+        _, err = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        kill_tree(process.pid)
+        _, err = process.communicate()
+    return err[-12000:]
 
 
 def start_tool(args: list, script: str | None = None, env: dict | None = None) -> subprocess.Popen:

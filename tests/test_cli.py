@@ -118,6 +118,17 @@ def test_fp16_on_cpu_is_refused(model_dir, data, capsys):
     assert_nothing_half_written(data["output"])
 
 
+def test_a_global_batch_that_does_not_split_is_one_error_line_before_any_work(model_dir, data, capsys):
+    args = [a for a in train_args(model_dir, data) if a not in ("--batch_size", "4")]
+
+    status = main([*args, "--global_batch_size", "10", "--gradient_accumulation_steps", "3"])
+
+    assert status == 2
+    assert the_error_line(capsys) == ("error: --global_batch_size 10 does not split evenly into 1 process(es) x 3 "
+                                      "accumulation step(s): use a multiple of 3")
+    assert_nothing_half_written(data["output"])
+
+
 def test_train_py_reports_a_bad_train_file_without_traceback(model_dir, data):
     replace_line(data["train"], 3, "this is not json")
 

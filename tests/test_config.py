@@ -62,10 +62,33 @@ def test_tutorial_flag_names_parse(files):
 def test_defaults(files):
     cfg = parse_config(train_args(files))
 
-    assert (cfg.max_seq_length, cfg.learning_rate, cfg.num_train_epochs, cfg.batch_size) == (128, 1e-5, 3, 4)
+    assert (cfg.max_seq_length, cfg.learning_rate, cfg.num_train_epochs) == (128, 1e-5, 3)
     assert cfg.label_list == ["0", "1"] and cfg.positive_label == "1"
     assert not (cfg.do_test or cfg.do_predict or cfg.streaming or cfg.overwrite_output_dir)
-    assert cfg.per_device_eval_batch_size == 64  # eval batches are sorted by length: big ones waste little
+    plan = cfg.batch_plan(num_processes=2)
+    assert (plan.per_device, plan.global_batch) == (4, 8)  # the tutorial's batch of 4, per process
+    assert plan.eval_per_device == 64  # eval batches are sorted by length: big ones waste little
+
+
+@pytest.mark.parametrize(("processes", "accumulation", "per_device"), [(1, 1, 8), (2, 1, 4), (1, 2, 4), (4, 2, 1)])
+def test_global_batch_size_fixes_the_step_and_derives_the_per_process_batch(files, processes, accumulation,
+                                                                             per_device):
+    cfg = parse_config(train_args(files, "--global_batch_size", "8", "--gradient_accumulation_steps",
+                                  str(accumulation)))
+    plan = cfg.batch_plan(processes)
+
+    assert (plan.global_batch, plan.per_device, plan.micro_batch) == (8, per_device, per_device * processes)
+    assert plan.describe() == {"global_batch_size": 8, "per_device_batch_size": per_device,
+                               "num_processes": processes, "gradient_accumulation_steps": accumulation}
+
+
+def test_a_global_batch_that_does_not_split_evenly_is_refused_naming_the_numbers(files):
+    cfg = parse_config(train_args(files, "--global_batch_size", "10", "--gradient_accumulation_steps", "3"))
+
+    with pytest.raises(UserError) as info:
+        cfg.batch_plan(num_processes=2)
+    assert str(info.value) == ("--global_batch_size 10 does not split evenly into 2 process(es) x 3 accumulation "
+                               "step(s): use a multiple of 6")
 
 
 @pytest.mark.parametrize("alias, value, field, expected", [
@@ -234,6 +257,10 @@ VALIDATION_ERRORS = {
                                   ["--dev_file", "/x", "no such file"]),
     "--learning_rate 0": (lambda f: train_args(f, "--learning_rate", "0"), ["--learning_rate"]),
     "--batch_size -1": (lambda f: train_args(f, "--batch_size", "-1"), ["--batch_size"]),
+    "--global_batch_size 0": (lambda f: train_args(f, "--global_batch_size", "0"), ["--global_batch_size"]),
+    "both batch sizes": (lambda f: train_args(f, "--batch_size", "4", "--global_batch_size", "8"),
+                         ["--batch_size", "--global_batch_size", "not both"]),
+    "--length_group_size 0": (lambda f: train_args(f, "--length_group_size", "0"), ["--length_group_size"]),
     "--warmup_proportion 1.5": (lambda f: train_args(f, "--warmup_proportion", "1.5"), ["--warmup_proportion"]),
     "--positive_label not in --label_list": (lambda f: train_args(f, "--positive_label", "2"),
                                              ["--positive_label", "'2'", "--label_list"]),

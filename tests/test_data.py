@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,6 @@ from conftest import SHARED, write_jsonl
 from transformers import AutoTokenizer, BertTokenizer
 
 from afqmc_dist.data import (
-    LengthGroupedSampler,
     PairCollator,
     PairDataset,
     PairExample,
@@ -291,7 +289,19 @@ def test_batch_carries_dataset_index_and_labels(tokenizer):
     assert batch["index"].tolist() == [2, 0]
     assert batch["labels"].tolist() == [1, 1]
     assert not batch["labels"].is_floating_point()  # class ids for cross-entropy
-    assert set(batch) == {"input_ids", "token_type_ids", "attention_mask", "index", "labels"}
+    assert set(batch) == {"input_ids", "token_type_ids", "attention_mask", "index", "labels", "weight"}
+    assert batch["weight"].tolist() == [1.0, 1.0]
+
+
+def test_items_past_the_end_are_weight_0_copies_for_topping_up_the_last_global_batch(tokenizer):
+    dataset = encoded(tokenizer, ("花呗", "借呗"), ("还款", "还钱"), labels=[1, 0])
+
+    batch = collate(tokenizer, dataset, [1, 0, 2 + 1])
+
+    assert len(dataset) == 2
+    assert batch["index"].tolist() == [1, 0, 1] and batch["labels"].tolist() == [0, 1, 0]
+    assert batch["weight"].tolist() == [1.0, 1.0, 0.0]
+    assert torch.equal(batch["input_ids"][2], batch["input_ids"][0])
 
 
 def test_unlabelled_batch_has_no_labels(tokenizer):
@@ -313,32 +323,6 @@ def test_tokenised_files_are_cached_by_text_tokenizer_and_max_length(tokenizer, 
     cached_encode_pairs(tokenizer, examples[:1], 64, str(tmp_path))
     assert len(list(tmp_path.iterdir())) == 3  # another max length, other text: other entries
     assert cached_encode_pairs(tokenizer, examples, 8, str(tmp_path)).lengths == [8, 7]
-
-
-# --- batch order: length grouping and sorted evaluation -------------------------------------------------------
-
-
-def test_length_grouped_batches_are_a_fresh_permutation_each_epoch_with_little_padding():
-    rng = random.Random(0)
-    lengths = [rng.randint(10, 120) for _ in range(2000)]
-    sampler = LengthGroupedSampler(16, lengths, seed=3)
-
-    orders = []
-    for epoch in (0, 1):
-        sampler.set_epoch(epoch)
-        orders.append(list(sampler))
-    sampler.set_epoch(0)
-
-    assert list(sampler) == orders[0], "the order is a function of (seed, epoch)"
-    assert orders[0] != orders[1] and sorted(orders[0]) == sorted(orders[1]) == list(range(2000))
-
-    def padding_fraction(order):
-        batches = [order[i:i + 16] for i in range(0, len(order), 16)]
-        computed = sum(len(b) * max(lengths[i] for i in b) for b in batches)
-        return 1 - sum(lengths) / computed
-
-    assert padding_fraction(orders[0]) < 0.05
-    assert padding_fraction(list(range(2000))) > 0.3  # batches in file order (as random as the lengths)
 
 
 # --- streaming ----------------------------------------------------------------------------------------------
@@ -426,28 +410,31 @@ def test_stream_of_empty_file_raises_at_construction(tmp_path):
 
 
 @pytest.mark.parametrize("num_examples", [24, 11])
-def test_two_process_shards_split_each_epoch_between_processes(tmp_path, num_examples):
-    """What `accelerator.prepare` does with --streaming on 2 processes: each one reads the whole stream
-    (same seed and epoch) and keeps its own slice of every global batch of 2 x B."""
+def test_two_process_shards_split_each_global_batch_and_top_up_the_last_with_weight_0_copies(tmp_path, num_examples):
+    """What `accelerator.prepare` (split_batches) does with --streaming on 2 processes: each one reads the whole
+    stream (same seed and epoch) and keeps its slice of every micro-batch of 2 x B pairs."""
     path = str(write_jsonl(tmp_path / "train.json", numbered_rows(num_examples)))
-    batch_size = 3
-    shards = [IterableDatasetShard(stream(path, seed=5, buffer_size=4), batch_size=batch_size,
-                                   num_processes=2, process_index=rank) for rank in (0, 1)]
-    for shard in shards:
-        shard.set_epoch(2)
-    indices = [[item["index"] for item in shard] for shard in shards]
+    per_device = 3
+    shards = []
+    for rank in (0, 1):
+        dataset = stream(path, seed=5, buffer_size=4)
+        dataset.pad_to = 2 * per_device
+        shards.append(IterableDatasetShard(dataset, batch_size=2 * per_device, num_processes=2, process_index=rank,
+                                           split_batches=True))
+        shards[-1].set_epoch(2)
+    items = [list(shard) for shard in shards]
 
-    assert len(indices[0]) == len(indices[1]) == len(shards[0])  # every process runs the same number of steps
-    # Interleave the per-process batches back into the global stream: before padding, it is the epoch's order.
-    global_order = [i for start in range(0, len(indices[0]), batch_size) for rank in (0, 1)
-                    for i in indices[rank][start:start + batch_size]]
-    assert global_order[:num_examples] == epoch_order(path, seed=5, epoch=2, buffer_size=4)
-    assert sorted(global_order[:num_examples]) == list(range(num_examples))
-    padding = len(global_order) - num_examples
-    assert 0 <= padding < 2 * batch_size  # only the last global batch is topped up (with repeats)
-    if num_examples % (2 * batch_size) == 0:
-        assert padding == 0
-        assert set(indices[0]).isdisjoint(indices[1])
+    assert len(items[0]) == len(items[1])  # every process takes part in every step
+    # Put the per-process slices back together: the real pairs are the epoch's order, each once.
+    merged = [item for start in range(0, len(items[0]), per_device) for rank in (0, 1)
+              for item in items[rank][start:start + per_device]]
+    real = [item["index"] for item in merged[:num_examples]]
+    assert real == epoch_order(path, seed=5, epoch=2, buffer_size=4)
+    assert sorted(real) == list(range(num_examples))
+    # Copies only at the end, and only up to the end of the last micro-batch.
+    missing = -num_examples % (2 * per_device)
+    assert [item["weight"] for item in merged] == [1.0] * num_examples + [0.0] * missing
+    assert {item["index"] for item in merged[num_examples:]} <= set(real)
 
 
 # --- the real bert-base-chinese vocabulary (needs ../shared) ------------------------------------------------

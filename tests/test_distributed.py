@@ -114,5 +114,6 @@ def test_streaming_training_shards_the_stream_across_two_processes(tiny_model, s
                       script="cpu_debug_2proc.sh")
     assert result.returncode == 0, result.stderr[-4000:]
     # 512 pairs in global batches of 2 x 16: 16 optimizer steps per epoch, as with the map-style dataset.
-    assert "512 pairs, 8 epochs, 128 optimizer steps, global batch 32" in result.stdout
+    assert "global batch 32 = 16 per process x 2 process(es)" in result.stdout
+    assert "512 pairs, 8 epoch(s) of 16 optimizer steps, 16 micro-batches per process and epoch" in result.stdout
     assert json.loads((out / "results.json").read_text())["dev_accuracy"] >= 0.9

@@ -40,7 +40,8 @@ def test_gradient_accumulation_counts_optimizer_steps_and_eval_steps_add_evaluat
     result = run_tool(train_args(tiny_model, synthetic_data, tmp_path / "out", "--batch_size", "8",
                                  "--gradient_accumulation_steps", "2", "--num_train_epochs", "1", "--eval_steps", "10"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "32 optimizer steps, global batch 16 (8 per process x 1 processes x 2 accumulation)" in result.stdout
+    assert "global batch 16 = 8 per process x 1 process(es) x 2 accumulation step(s)" in result.stdout
+    assert "1 epoch(s) of 32 optimizer steps, 64 micro-batches per process and epoch" in result.stdout
     assert [r["step"] for r in history(tmp_path / "out")] == [10, 20, 30, 32]
 
 
