@@ -15,7 +15,7 @@ import sys
 import time
 
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 
 from .checkpoints import (
     check_compatible,
@@ -52,10 +52,26 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
         )
     except ValueError as e:  # e.g. bf16 asked of a device without it
         raise UserError(f"accelerate cannot set up this run: {e}") from None
+    check_launch(accelerator)
+    return accelerator
+
+
+def check_launch(accelerator) -> None:
+    """Refuse a launch that accelerate would silently turn into something else than what was asked."""
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise UserError("fp16 mixed precision was requested but this run is on the CPU, where fp16 does "
                         "nothing; use --mixed_precision bf16 (or no)")
-    return accelerator
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        # e.g. --multi_gpu on a machine without GPUs: each process would train (and write) on its own.
+        raise UserError(f"the launcher started {launched} processes but accelerate connected "
+                        f"{accelerator.num_processes}; without GPUs, launch with ACCELERATE_USE_CPU=1 "
+                        "(see launch/cpu_debug_2proc.sh)")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" \
+            and accelerator.distributed_type != DistributedType.FSDP:
+        raise UserError(f"the accelerate config asks for FSDP, but accelerate set up {accelerator.distributed_type.value} "
+                        "(it shards across GPUs only, and falls back to DDP on the CPU); on a CPU, use "
+                        "launch/cpu_debug_2proc.sh")
 
 
 def release_models(accelerator) -> None:

@@ -4,7 +4,9 @@ The CPU scripts run for real elsewhere: `cpu_debug.sh` in test_readme.py (the qu
 `cpu_debug_2proc.sh` in test_distributed.py, `bf16.sh` in test_training.py. GPUs and SLURM do not exist on a CPU
 machine, so the GPU, multi-node and SLURM scripts run here against stand-ins for `accelerate`, `nvidia-smi`,
 `srun` and `scontrol` on a PATH holding only those and a few coreutils: the tests see the exact command line each
-script would run, from which directory, with which environment.
+script would run, from which directory, with which environment. The sharded-training configs (FSDP, DeepSpeed)
+are loaded with accelerate's own loader, and launched for real to show that a CPU launch of them is refused in
+one line instead of silently training unsharded.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"
 CONFIG = ROOT / "accelerate_config.yaml"
 EXPECTED = ["bf16.sh", "cpu_debug.sh", "cpu_debug_2proc.sh", "fp16.sh", "multi_gpu.sh", "multi_node.sh",
-            "single_gpu.sh", "slurm.sbatch"]
+            "sharded.sh", "single_gpu.sh", "slurm.sbatch"]
+SHARDED_CONFIGS = {"fsdp": LAUNCH / "fsdp.yaml", "deepspeed": LAUNCH / "deepspeed.yaml"}
 SCRIPTS = [LAUNCH / name for name in EXPECTED]
 # Arguments for train.py, including ones a careless wrapper would split or drop.
 USER_ARGS = ["--output_dir", "dir with space", "--run_name=a b", "--do_train"]
@@ -53,6 +57,45 @@ def test_config_quotes_no_values():
     assert raw["downcast_bf16"] == "no"
 
 
+def test_sharded_configs_load_with_accelerates_own_loader():
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+    from accelerate.utils import DistributedType
+
+    fsdp, deepspeed = (load_config_from_file(str(path)) for path in SHARDED_CONFIGS.values())
+    assert isinstance(fsdp, ClusterConfig) and isinstance(deepspeed, ClusterConfig)
+    assert fsdp.distributed_type is DistributedType.FSDP
+    assert fsdp.fsdp_config["fsdp_version"] == 2
+    assert fsdp.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "BertLayer"  # the layer class of BERT models
+    assert deepspeed.distributed_type is DistributedType.DEEPSPEED and deepspeed.deepspeed_config["zero_stage"] == 2
+    for cfg in (fsdp, deepspeed):
+        assert cfg.mixed_precision == "no" and cfg.use_cpu is False
+
+
+@pytest.mark.parametrize(("cpu_flag", "message"), [
+    ("1", "the accelerate config asks for FSDP, but accelerate set up MULTI_CPU"),
+    (None, "the launcher started 2 processes but accelerate connected 1"),
+])
+def test_an_fsdp_launch_on_a_cpu_is_refused_instead_of_training_unsharded(tmp_path, cpu_flag, message):
+    """accelerate 1.15 shards across GPUs only: with ACCELERATE_USE_CPU=1 it falls back to DDP without a word,
+    and without it (no GPU) it starts unconnected processes that would each train and write on their own."""
+    env = {**os.environ, "NPROC": "2", "OMP_NUM_THREADS": "1", "MAIN_PROCESS_PORT": str(free_port()),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    if cpu_flag:
+        env["ACCELERATE_USE_CPU"] = cpu_flag
+    test_file = tmp_path / "test.json"
+    test_file.write_text('{"sentence1": "花呗", "sentence2": "借呗", "label": "0"}\n', encoding="utf-8")
+    result = subprocess.run(["bash", str(LAUNCH / "sharded.sh"), "--test_file", str(test_file),
+                             "--output_dir", str(tmp_path / "out"), "--do_test"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+    assert result.returncode != 0
+    # Each rank raises the same error; torchrun may stop the other rank before it prints its own.
+    errors = [line for line in result.stderr.splitlines() if line.startswith(("[rank 0] error: ", "[rank 1] error: "))]
+    assert errors and all(message in line for line in errors), result.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
 # --- the scripts, statically ------------------------------------------------------------------------------
 
 def test_all_scripts_exist_and_are_executable():
@@ -73,7 +116,7 @@ def test_passes_arguments_through_to_train_py(script):
     assert re.search(r'train\.py (--resume_from_checkpoint latest )?"\$@"', text), \
         f'{script.name} does not end with train.py "$@"'
     assert "set -euo pipefail" in text
-    assert "--config_file accelerate_config.yaml" in text
+    assert "--config_file accelerate_config.yaml" in text or script.name == "sharded.sh"
 
 
 # --- the scripts, run against fakes -----------------------------------------------------------------------
@@ -140,14 +183,14 @@ def _opt(argv: list[str], flag: str) -> str | None:
     return argv[argv.index(flag) + 1] if flag in argv else None
 
 
-def _launched_once(result, launches, prefix=()) -> dict:
+def _launched_once(result, launches, prefix=(), config="accelerate_config.yaml") -> dict:
     assert result.returncode == 0, result.stderr
     assert len(launches) == 1
     launch = launches[0]
     argv = launch["argv"]
     assert argv[0] == "launch" and argv[argv.index("train.py") + 1:] == [*prefix, *USER_ARGS]  # passed intact
     assert launch["cwd"] == str(ROOT)  # works from anywhere: the script cd's to the repo root
-    assert _opt(argv, "--config_file") == "accelerate_config.yaml"
+    assert _opt(argv, "--config_file") == config
     return launch
 
 
@@ -168,6 +211,22 @@ def test_gpu_scripts_use_every_gpu(run_script, name, precision):
 def test_multi_gpu_with_one_gpu_runs_a_single_process(run_script):
     argv = _launched_once(*run_script("multi_gpu.sh", env={"NPROC": "1"}, gpus=True))["argv"]
     assert "--multi_gpu" not in argv and _opt(argv, "--num_processes") == "1"  # accelerate refuses multi_gpu x1
+
+
+@pytest.mark.parametrize("engine", [None, "fsdp", "deepspeed"])
+def test_sharded_script_takes_the_engines_config_and_every_gpu(run_script, engine):
+    env = {"ENGINE": engine, "MIXED_PRECISION": "bf16"} if engine else None
+    launch = _launched_once(*run_script("sharded.sh", env=env, gpus=True), config=f"launch/{engine or 'fsdp'}.yaml")
+    assert _opt(launch["argv"], "--num_processes") == "4"
+    assert _opt(launch["argv"], "--mixed_precision") == ("bf16" if engine else "no")
+
+
+@pytest.mark.parametrize(("env", "gpus", "message"), [({"ENGINE": "zero"}, True, "ENGINE=zero: use fsdp or deepspeed"),
+                                                       (None, False, "sharded training needs GPUs")])
+def test_sharded_script_refuses_without_launching(run_script, env, gpus, message):
+    result, launches = run_script("sharded.sh", env=env, gpus=gpus)
+    assert result.returncode == 2 and launches == []
+    assert message in result.stderr
 
 
 def test_fp16_refuses_cpu_without_launching(run_script):
