@@ -69,9 +69,9 @@ def check_launch(accelerator) -> None:
                         "(see launch/cpu_debug_2proc.sh)")
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" \
             and accelerator.distributed_type != DistributedType.FSDP:
-        raise UserError(f"the accelerate config asks for FSDP, but accelerate set up {accelerator.distributed_type.value} "
-                        "(it shards across GPUs only, and falls back to DDP on the CPU); on a CPU, use "
-                        "launch/cpu_debug_2proc.sh")
+        raise UserError("the accelerate config asks for FSDP, but accelerate set up "
+                        f"{accelerator.distributed_type.value} (it shards across GPUs only, and falls back "
+                        "to DDP on the CPU); on a CPU, use launch/cpu_debug_2proc.sh")
 
 
 def release_models(accelerator) -> None:

@@ -4,7 +4,7 @@ Reproduce, from the repository root (the bench sets HF_HUB_OFFLINE=1 and WANDB_M
 
     python bench/throughput.py --quick                                   # smoke run of every row, < 2 minutes
     python bench/throughput.py --models small --precisions fp32,bf16     # small model, 3 repeats (~35 minutes)
-    python bench/throughput.py                                           # small and base models
+    python bench/throughput.py --repeats 2                               # small and base models (~2 hours)
     python bench/throughput.py --accuracy                                # dev accuracy: tutorial vs tool
     python bench/throughput.py --accuracy --accuracy_train_samples 8000 --seeds 1,2
 
@@ -34,8 +34,13 @@ the same in every row; the tutorial's own head ([CLS] vector without the pooler)
     tool_default      `python train.py ... --do_train --do_predict` exactly as a user runs it, default flags
                       (bf16: --mixed_precision bf16); its numbers are read from OUTPUT_DIR/results.json and
                       OUTPUT_DIR/metrics.jsonl.
-    tool_fast         the same plus --tool_fast_flags (default "--torch_compile"). Each run compiles from an
+    tool_fast         the same plus --tool_fast_flags (default: the whole epoch in one length-sorted group, eval
+                      batches of 32, the fastest eval batch measured on a 2-core CPU). --torch_compile is not a
+                      default here: on a CPU it is slower (see the README); with it, each run compiles from an
                       empty compile cache, i.e. as a first run (--quick shares one cache across its runs).
+
+bf16 rows run only where bf16 is real: when the machine's measured bf16 matmul peak is under half its fp32 peak
+(no AVX512-bf16/AMX: bf16 is emulated), they are reported as skipped with both peaks, not run for hours.
 
 Columns: training samples/s, real (non-padding) tokens/s and the padding fraction of the training batches,
 eval and predict samples/s, peak RSS of the row's process (os.wait4 on the child gives its own ru_maxrss;
@@ -49,7 +54,10 @@ where N = parameters outside the embedding layer (encoder + pooler + classifier)
 S = mean real tokens per pair of that split (truncated at max_seq_length). Padding tokens do no useful work.
 MFU = real tokens/s * FLOPs per token / machine peak. The peak is measured here: the best of several dense
 square matmuls (after a warm-up, same thread count), in fp32 and in bf16, before and after the rows (the best
-is kept); each row is compared with the peak of its own precision.
+is kept); each row is compared with the peak of its own precision. The same numbers give the ceilings printed
+under each table: the eval and predict samples/s a run would reach at 100% of the fp32 peak (forward FLOPs per
+real token x real tokens per pair), and what that is against the tutorial's own rates: a target above those
+ratios cannot be met on this machine without changing what is computed.
 
 Timing excludes start-up. Imports, model loading, pre-tokenisation and optimizer creation are not what a long run
 spends its time on, and they would swamp a one-minute measurement. For tutorial and Trainer rows the clock starts
@@ -57,8 +65,9 @@ once model, optimizer and data are set up and stops after the last optimizer ste
 Trainer); eval and predict are timed separately. The tool reports the same interval itself (`train_runtime`:
 training steps only, so any compilation in the first steps is inside it; the JSON also keeps its speed after the
 first logging window). Every row runs --repeats times, rows interleaved within each repeat; the table shows
-medians, the JSON keeps every run together with the load average before it and the child's CPU seconds, which
-show whether other work shared the cores.
+medians, the JSON keeps every run with the load average before it and the child's CPU seconds. Other work on the
+machine slows a row many times over (OpenMP threads spin-wait when cores are shared): run the bench on an idle
+machine, and distrust a run much slower than its repeats.
 
 --accuracy: the small model on real AFQMC (a full training epoch unless --accuracy_train_samples), the full dev
 set, lr 5e-5 (a random-init model barely moves at 1e-5), batch 16, for each of --seeds: the tutorial loop vs
@@ -96,7 +105,7 @@ MODEL_SHAPES = {
     "base": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 3072},
 }
 # (train, eval, predict) pairs per model: about a minute per training row on a 2-core CPU.
-DEFAULT_SIZES = {"small": (1600, 1000, 300), "base": (320, 300, 100)}
+DEFAULT_SIZES = {"small": (1600, 1000, 300), "base": (800, 300, 100)}
 QUICK_SIZES = {"small": (48, 32, 8), "base": (16, 16, 4)}
 ROWS = ("tutorial", "trainer_grouped", "trainer_random", "tool_default", "tool_fast")
 PRECISIONS = ("fp32", "bf16")
@@ -198,11 +207,12 @@ def tutorial_train_loop(dataloader, model, loss_fn, optimizer, lr_scheduler, pre
             "train_all_tokens": all_tokens, "train_loss": total_loss / steps}
 
 
-def tutorial_test_loop(dataloader, model, precision: str) -> tuple[list[int], list[int], float]:
-    """The tutorial's test_loop (file order, training batch size, no_grad): predictions, labels, seconds."""
+def tutorial_test_loop(dataloader, model, precision: str) -> tuple[list[int], list[int], float, float]:
+    """The tutorial's test_loop (file order, training batch size, no_grad): predictions, labels, mean
+    cross-entropy (not in the tutorial: a finer measure than accuracy of what a run learnt), seconds."""
     import torch
 
-    preds, labels = [], []
+    preds, labels, loss_sum = [], [], 0.0
     model.eval()
     start = time.perf_counter()
     with torch.no_grad():
@@ -211,7 +221,8 @@ def tutorial_test_loop(dataloader, model, precision: str) -> tuple[list[int], li
                 pred = model(**x).logits
             preds += pred.argmax(1).tolist()
             labels += y.tolist()
-    return preds, labels, time.perf_counter() - start
+            loss_sum += torch.nn.functional.cross_entropy(pred.float(), y, reduction="sum").item()
+    return preds, labels, loss_sum / len(labels), time.perf_counter() - start
 
 
 def tutorial_predict(dataset: AFQMC, model, tokenizer, max_length: int, precision: str) -> float:
@@ -252,9 +263,10 @@ def worker_tutorial(spec: dict) -> dict:
 
     result = tutorial_train_loop(train_loader, model, torch.nn.CrossEntropyLoss(), optimizer, lr_scheduler,
                                  spec["precision"])
-    preds, labels, eval_seconds = tutorial_test_loop(dev_loader, model, spec["precision"])
+    preds, labels, dev_loss, eval_seconds = tutorial_test_loop(dev_loader, model, spec["precision"])
     accuracy, f1 = accuracy_f1(preds, labels)
-    result.update(eval_seconds=eval_seconds, eval_samples=len(labels), dev_accuracy=accuracy, dev_f1=f1)
+    result.update(eval_seconds=eval_seconds, eval_samples=len(labels), dev_accuracy=accuracy, dev_f1=f1,
+                  dev_loss=dev_loss)
     if spec.get("predict_file"):
         predict_set = AFQMC(spec["predict_file"])
         result.update(predict_seconds=tutorial_predict(predict_set, model, tokenizer, max_length, spec["precision"]),
@@ -365,26 +377,35 @@ def worker_trainer(spec: dict) -> dict:
 # ================================================================================================ worker: matmul peak
 
 def worker_peak(spec: dict) -> dict:
-    """Best dense square matmul rate (GFLOP/s) in fp32 and bf16, after a warm-up."""
+    """Best dense square matmul rate (GFLOP/s) in fp32 and bf16, after a warm-up.
+
+    Each precision is probed at 256x256 first. One far below fp32 (bf16 emulated without bf16 units: 1 GFLOP/s
+    was measured on an AVX2-only CPU, where a 2048 matmul takes 20 s) keeps its probe rate as its peak.
+    """
     import torch
 
     set_threads(spec["threads"])
-    n, repeats = spec["size"], spec["repeats"]
-    result = {"size": n, "repeats": repeats}
+    result = {"size": spec["size"], "repeats": spec["repeats"]}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        out = torch.empty(n, n, dtype=dtype)
-        for _ in range(2):
-            torch.mm(a, b, out=out)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.mm(a, b, out=out)
-            times.append(time.perf_counter() - start)
-        rates = [2 * n**3 / t / 1e9 for t in times]
-        result[f"{name}_gflops"] = max(rates)
-        result[f"{name}_all_gflops"] = rates
+        probe = max(matmul_rates(torch, 256, dtype, 3))
+        emulated = name != "fp32" and probe < 0.1 * result["fp32_probe_gflops"]
+        rates = [probe] if emulated else matmul_rates(torch, spec["size"], dtype, spec["repeats"])
+        result.update({f"{name}_probe_gflops": probe, f"{name}_gflops": max(rates), f"{name}_all_gflops": rates})
     return result
+
+
+def matmul_rates(torch, n: int, dtype, repeats: int) -> list[float]:
+    """GFLOP/s of `repeats` timed n x n matmuls (after two untimed ones)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    for _ in range(2):
+        torch.mm(a, b, out=out)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        times.append(time.perf_counter() - start)
+    return [2 * n**3 / t / 1e9 for t in times]
 
 
 WORKERS = {"tutorial": worker_tutorial, "trainer": worker_trainer, "peak": worker_peak}
@@ -408,8 +429,8 @@ def run_worker(kind: str, spec_file: str) -> int:
 
 @dataclass
 class ChildRun:
-    """A finished child. `cpu_seconds` / `wall_seconds` well below the thread count, or a high `load_before`,
-    means other work competed for the cores during the measurement."""
+    """A finished child. A `load_before` above the thread count means other work competed for
+    the cores (OpenMP threads then spin-wait: the child slows down many times over while its CPU seconds grow)."""
 
     returncode: int
     peak_rss_mb: float
@@ -496,7 +517,8 @@ def read_tool_outputs(output_dir: Path, want_predict: bool) -> dict:
         raise RowFailed(f"no {results_path.name} in the tool's output folder")
     results = json.loads(results_path.read_text())
     records = read_jsonl(metrics_path) if metrics_path.exists() else []
-    out = {"dev_accuracy": results.get("dev_accuracy"), "dev_f1": results.get("dev_f1"), "notes": []}
+    out = {"dev_accuracy": results.get("dev_accuracy"), "dev_f1": results.get("dev_f1"),
+           "dev_loss": results.get("dev_loss"), "notes": []}
     missing = [key for key in TOOL_TRAIN_KEYS if key not in results]
     if missing:
         out["notes"].append(f"results.json lacks {', '.join(missing)}")
@@ -701,6 +723,26 @@ def add_ratios(rows: list[dict]) -> None:
             r["vs_tutorial_fp32"][phase] = mine / ref if mine and ref else None
 
 
+def ceilings(stats: dict, peak_gflops: float, rows: list[dict]) -> dict:
+    """Samples/s at 100% of the fp32 matmul peak for train, eval and predict (useful FLOPs only: real tokens), and
+    those over the tutorial fp32 row's measured rates: no implementation of the same computation can beat them."""
+    peak = peak_gflops * 1e9
+    base = next((r["median"] for r in rows if r["row"] == "tutorial" and r["precision"] == "fp32" and r["median"]), {})
+    out = {"train": peak / (stats["train_flops_per_token"] * stats["train_mean_tokens_per_pair"])}
+    for phase, split in (("eval", "dev"), ("predict", "predict")):
+        out[phase] = peak / (stats[f"{split}_forward_flops_per_token"] * stats[f"{split}_mean_tokens_per_pair"])
+    for phase in ("train", "eval", "predict"):
+        measured = base.get(f"{phase}_samples_per_second")
+        out[f"{phase}_vs_tutorial"] = out[phase] / measured if measured else None
+    return out
+
+
+def render_ceilings(limits: dict) -> str:
+    parts = [f"{phase} {limits[phase]:.0f} samples/s ({fmt(limits[f'{phase}_vs_tutorial'], '.1f', 'x')} the tutorial's)"
+             for phase in ("train", "eval", "predict")]
+    return "Ceilings at 100% of the fp32 matmul peak: " + ", ".join(parts) + "."
+
+
 def fmt(value, spec: str = ".1f", suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
@@ -715,7 +757,8 @@ def render_table(name: str, stats: dict, rows: list[dict], repeats: int) -> str:
     for r in rows:
         m, ratio = r["median"], r["vs_tutorial_fp32"]
         if not m:
-            lines.append(f"| {r['row']} | {r['precision']} | failed: {r['error']} |||||||||| ")
+            error = r["error"] if r["error"].startswith("skipped") else f"failed: {r['error']}"
+            lines.append(f"| {r['row']} | {r['precision']} | {error} |||||||||| ")
             continue
         cells = [r["row"], r["precision"], fmt(m["train_samples_per_second"]), fmt(m["train_tokens_per_second"], ".0f"),
                  fmt(m["train_padding_fraction"] and 100 * m["train_padding_fraction"], ".1f", "%"),
@@ -845,12 +888,21 @@ def prepare_models(settings: argparse.Namespace, models: list[str], source: Path
     return prepared
 
 
+def skipped_precisions(peak: dict) -> dict[str, str]:
+    """Precisions not worth measuring on this machine, with the reason shown in the table."""
+    if peak["bf16_gflops"] < 0.5 * peak["fp32_gflops"]:
+        return {"bf16": f"skipped: bf16 is emulated on this CPU (matmul peak {peak['bf16_gflops']:.1f} GFLOP/s, "
+                        f"fp32 {peak['fp32_gflops']:.1f})"}
+    return {}
+
+
 def run_rows(settings: argparse.Namespace, prepared: dict, precisions: list[str], rows: list[str], repeats: int,
-             run_dir: Path) -> dict:
+             run_dir: Path, skipped: dict[str, str]) -> dict:
     """Every (model, row, precision) `repeats` times, rows interleaved within a repeat so that slow drifts of the
     machine spread over all rows. Returns {model: {(row, precision): {"runs", "error", "notes"}}}; a row that
-    fails is not repeated."""
-    records = {name: {} for name in prepared}
+    fails is not repeated, a precision in `skipped` is not run."""
+    records = {name: {(row, precision): {"runs": [], "error": skipped[precision], "notes": []}
+                      for precision in precisions if precision in skipped for row in rows} for name in prepared}
     for repeat in range(1, repeats + 1):
         for name, model in prepared.items():
             for precision in precisions:
@@ -888,7 +940,7 @@ def run_throughput(settings: argparse.Namespace) -> int:
     machine = machine_info(settings.threads)
     first_peak = measure_peak(settings, run_dir, "start")
     prepared = prepare_models(settings, models, source, vocab)
-    records = run_rows(settings, prepared, precisions, rows, repeats, run_dir)
+    records = run_rows(settings, prepared, precisions, rows, repeats, run_dir, skipped_precisions(first_peak))
     peak = best_peak([first_peak, measure_peak(settings, run_dir, "end")])
 
     meta = {"machine": machine, "peak": peak, "data_source": str(source), "vocab": str(vocab) if vocab else None,
@@ -904,8 +956,11 @@ def run_throughput(settings: argparse.Namespace) -> int:
             table_rows.append({"row": row, "precision": precision, "error": rec["error"], "notes": rec["notes"],
                                "median": median_of(rec["runs"]) if rec["runs"] else None, "runs": rec["runs"]})
         add_ratios(table_rows)
+        limits = ceilings(model["stats"], peak["fp32_gflops"], table_rows)
         print(render_table(name, model["stats"], table_rows, repeats) + "\n")
-        output["models"][name] = {**{k: v for k, v in model.items() if k != "subsets"}, "rows": table_rows}
+        print(render_ceilings(limits) + "\n")
+        output["models"][name] = {**{k: v for k, v in model.items() if k != "subsets"}, "rows": table_rows,
+                                  "ceilings": limits}
     print("MFU: real tokens/s x (6N + 12LHS) / matmul peak of the row's precision; x: samples/s over the tutorial "
           "fp32 row's. Trainer rows evaluate and predict in length-grouped order with group_by_length.\n")
     write_output(settings.output or str(CACHE / "throughput-quick.json" if settings.quick
@@ -924,22 +979,27 @@ def accuracy_run(row: str, spec: dict, settings: argparse.Namespace, log_stem: P
     except RowFailed as e:
         return {"row": row, "seed": spec["seed"], "error": str(e)}
     return {"row": row, "seed": spec["seed"], "dev_accuracy": raw["dev_accuracy"], "dev_f1": raw["dev_f1"],
-            "train_seconds": raw.get("train_seconds"), "wall_seconds": child.wall_seconds}
+            "dev_loss": raw.get("dev_loss"), "train_seconds": raw.get("train_seconds"),
+            "wall_seconds": child.wall_seconds}
 
 
 def render_accuracy(results: list[dict], rows: tuple[str, ...]) -> str:
-    lines = ["| row | seed | dev accuracy | dev F1 (label 1) | train s | wall s |", "|---|--:|--:|--:|--:|--:|"]
+    lines = ["| row | seed | dev accuracy | dev F1 (label 1) | dev loss | train s | wall s |",
+             "|---|--:|--:|--:|--:|--:|--:|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['row']} | {r['seed']} | failed: {r['error']} |||| ")
+            lines.append(f"| {r['row']} | {r['seed']} | failed: {r['error']} ||||| ")
         else:
             lines.append(f"| {r['row']} | {r['seed']} | {r['dev_accuracy']:.4f} | {r['dev_f1']:.4f} | "
-                         f"{fmt(r['train_seconds'], '.0f')} | {r['wall_seconds']:.0f} |")
+                         f"{fmt(r.get('dev_loss'), '.4f')} | {fmt(r['train_seconds'], '.0f')} | "
+                         f"{r['wall_seconds']:.0f} |")
     for row in rows:
         done = [r for r in results if r["row"] == row and "error" not in r]
         if done:
+            losses = [r["dev_loss"] for r in done if r.get("dev_loss") is not None]
             lines.append(f"| {row} | mean | {statistics.mean(r['dev_accuracy'] for r in done):.4f} | "
-                         f"{statistics.mean(r['dev_f1'] for r in done):.4f} | | |")
+                         f"{statistics.mean(r['dev_f1'] for r in done):.4f} | "
+                         f"{fmt(statistics.mean(losses) if losses else None, '.4f')} | | |")
     return "\n".join(lines)
 
 
@@ -996,7 +1056,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_seq_length", type=int, default=128)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of every row (all cores)")
-    p.add_argument("--tool_fast_flags", default="--torch_compile", help="extra train.py flags of the tool_fast row")
+    p.add_argument("--tool_fast_flags", default="--length_group_size 1000 --eval_batch_size 32",
+                   help="extra train.py flags of the tool_fast row")
     p.add_argument("--data_dir", help="folder with train/dev/test.json (default: ../shared/data/afqmc if present, "
                                       "else afqmc_dist/sample_data)")
     p.add_argument("--vocab_file", help="WordPiece vocab of the models (default: ../shared/data/"

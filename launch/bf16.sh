@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # bf16 mixed precision on every GPU of this node, or on the CPU when there is no nvidia-smi.
-# bf16 is real on recent CPUs too (AVX512-bf16/AMX: linear layers run in bfloat16, ~1.2-1.6x faster here).
+# bf16 is real on CPUs with bf16 units (AVX512-bf16/AMX: linear layers in bfloat16, ~1.2-1.6x faster); on an
+# AVX2-only CPU it is emulated and far slower than fp32.
 # NPROC overrides the process count (default: all GPUs; 1 on a CPU).
 #
 #   launch/bf16.sh --model_checkpoint bert-base-chinese --train_file ... --do_train
