@@ -2,11 +2,11 @@
 
 Reproduce, from the repository root (the bench sets HF_HUB_OFFLINE=1 and WANDB_MODE=disabled for its children):
 
-    python bench/throughput.py --quick                                   # smoke run of every row, < 2 minutes
-    python bench/throughput.py --models small --precisions fp32,bf16     # small model, 3 repeats (~35 minutes)
-    python bench/throughput.py --repeats 2                               # small and base models (~2 hours)
-    python bench/throughput.py --accuracy                                # dev accuracy: tutorial vs tool
-    python bench/throughput.py --accuracy --accuracy_train_samples 8000 --seeds 1,2
+    python bench/throughput.py --quick                        # smoke run of every row, < 3 minutes
+    python bench/throughput.py                                # small and base, fp32 and bf16, 3 repeats (the table
+                                                              # in the README: 44 minutes on 2 CPU cores, bf16 skipped)
+    python bench/throughput.py --models small --repeats 5     # small model only (~15 minutes)
+    python bench/throughput.py --accuracy --seeds 1,2 --accuracy_learning_rate 5e-4   # one AFQMC epoch per seed
 
 Results: a markdown table per model on stdout; every raw number in bench/results/throughput.json
 (bench/results/accuracy.json for --accuracy; --quick writes under bench/.cache/ instead). Progress goes to
@@ -105,7 +105,7 @@ MODEL_SHAPES = {
     "base": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 3072},
 }
 # (train, eval, predict) pairs per model: about a minute per training row on a 2-core CPU.
-DEFAULT_SIZES = {"small": (1600, 1000, 300), "base": (800, 300, 100)}
+DEFAULT_SIZES = {"small": (1600, 1000, 300), "base": (400, 300, 100)}
 QUICK_SIZES = {"small": (48, 32, 8), "base": (16, 16, 4)}
 ROWS = ("tutorial", "trainer_grouped", "trainer_random", "tool_default", "tool_fast")
 PRECISIONS = ("fp32", "bf16")
@@ -891,8 +891,8 @@ def prepare_models(settings: argparse.Namespace, models: list[str], source: Path
 def skipped_precisions(peak: dict) -> dict[str, str]:
     """Precisions not worth measuring on this machine, with the reason shown in the table."""
     if peak["bf16_gflops"] < 0.5 * peak["fp32_gflops"]:
-        return {"bf16": f"skipped: bf16 is emulated on this CPU (matmul peak {peak['bf16_gflops']:.1f} GFLOP/s, "
-                        f"fp32 {peak['fp32_gflops']:.1f})"}
+        return {"bf16": f"skipped: bf16 is emulated on this CPU (matmul peak measured before the rows: "
+                        f"bf16 {peak['bf16_gflops']:.1f} GFLOP/s, fp32 {peak['fp32_gflops']:.1f})"}
     return {}
 
 
@@ -1045,7 +1045,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS))
     p.add_argument("--repeats", type=int, help="runs per row; the table shows medians (default 3; 1 with --quick)")
-    p.add_argument("--train_samples", help='training pairs: "N" or per model "small=1600,base=320" (the default)')
+    p.add_argument("--train_samples", help='training pairs: "N" or per model (default "small=1600,base=400")')
     p.add_argument("--eval_samples", help='dev pairs: "N" or per model (default "small=1000,base=300")')
     p.add_argument("--predict_samples", help='pairs to predict: "N" or per model (default "small=300,base=100")')
     p.add_argument("--batch_size", type=int, default=16)
