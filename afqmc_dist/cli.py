@@ -11,7 +11,6 @@ test (OUTPUT_DIR/best on --test_file) -> predict (OUTPUT_DIR/best on --predict_f
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 from accelerate import Accelerator, DataLoaderConfiguration
@@ -27,7 +26,7 @@ from .checkpoints import (
 )
 from .config import RunConfig, parse_config
 from .data import PairSchema, encode_datasets, load_datasets, make_eval_dataloader
-from .errors import TrainingStopped, UserError
+from .errors import UserError, exit_status
 from .evaluation import evaluate, predict
 from .model import build_model_and_tokenizer, check_model_fits, load_trained_config, load_trained_model
 from .outputs import RESULTS, RUN_CONFIG, TEST_RESULTS, find_best_dir, prepare_output_dir, write_json, write_predictions
@@ -204,20 +203,5 @@ def run(cfg: RunConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the tool; return the exit status (see errors.py): 2 for a user error, printed as one `error:` line.
-
-    Under several processes every rank that fails prints its line, prefixed with its rank, so an error seen by
-    one rank only (a node-local path, say) is never silent.
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    prefix = f"[rank {os.environ.get('RANK', '0')}] " if world_size > 1 else ""
-    try:
-        run(parse_config(argv))
-    except UserError as e:
-        print(f"{prefix}error: {e}", file=sys.stderr)
-        return 2
-    except TrainingStopped as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"stopped: {e}", file=sys.stderr)
-        return e.exit_code
-    return 0
+    """Run the tool; return the exit status (see errors.py): 2 for a user error, printed as one `error:` line."""
+    return exit_status(lambda: run(parse_config(argv)))

@@ -23,7 +23,7 @@ import tempfile
 from .cli import make_accelerator, release_models
 from .config import DEFAULT_EVAL_BATCH, RunConfig
 from .data import PairDataset, PairExample, PairSchema, make_eval_dataloader, read_pairs
-from .errors import UserError
+from .errors import UserError, exit_status
 from .evaluation import predict
 from .model import check_model_fits, load_trained_model
 from .outputs import PREDICTIONS, write_predictions
@@ -125,15 +125,8 @@ def run(argv: list[str] | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run; return the exit status: 2 for a user error, printed as one `error:` line (prefixed with the rank
-    under several processes, as `train.py` does)."""
-    prefix = f"[rank {os.environ.get('RANK', '0')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-    try:
-        run(argv)
-    except UserError as e:
-        print(f"{prefix}error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """Run; return the exit status: 2 for a user error, printed as one `error:` line (see errors.exit_status)."""
+    return exit_status(lambda: run(argv))
 
 
 if __name__ == "__main__":
