@@ -1034,8 +1034,12 @@ def run_accuracy(settings: argparse.Namespace) -> int:
 
 
 def write_output(path: str, obj: dict) -> None:
+    """Write the results as JSON, paths relative to the project root (`bench/...`, `../shared/...`), so a committed
+    file reads the same on every machine."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False, default=str)
+    text = text.replace(f'"{REPO}/', '"').replace(f'"{REPO.parent}/', '"../')
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    Path(path).write_text(text + "\n", encoding="utf-8")
     log(f"wrote {path}")
 
 
