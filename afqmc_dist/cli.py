@@ -42,7 +42,7 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
             mixed_precision=cfg.mixed_precision,
             cpu=cfg.cpu,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            log_with="wandb" if cfg.report_to == "wandb" else None,
+            log_with=cfg.trackers or None,
             # split_batches: a DataLoader batch holds the pairs of every process (one micro-batch of a global
             # batch) and each process takes its slice, so the global batches are the same on any number of
             # processes (sampling.py). No dispatching: with --streaming every process reads the file and keeps

@@ -26,6 +26,7 @@ from .errors import UserError, first_line
 
 DEFAULT_BATCH = 4  # the tutorial's per-process training batch
 DEFAULT_EVAL_BATCH = 64
+TRACKERS = ("wandb", "tensorboard", "mlflow")
 
 
 def _arg(default, help, aliases=None):
@@ -58,8 +59,10 @@ class RunConfig:
     sentence2_key: str = _arg("sentence2", "JSON key of the second sentence.")
     label_key: str = _arg("label", "JSON key of the label.")
     id_key: str = _arg("id", "JSON key of the example id (copied into CLUE-format predictions).")
-    label_list: list[str] = _arg(["0", "1"], "The label values; their order gives the class ids.")
-    positive_label: str = _arg("1", "The label whose F1/precision/recall are reported.")
+    label_list: list[str] = _arg(["0", "1"], "The label values; their order gives the class ids (3 or more for "
+                                             "OCNLI/CMNLI-style tasks: macro-F1 and per-class metrics are reported).")
+    positive_label: str = _arg("1", "The label whose F1/precision/recall are reported (with 2 labels).")
+    task_name: str = _arg("afqmc", "Names the CLUE submission file TASK_predict.json (e.g. ocnli_50k, lcqmc).")
     max_seq_length: int = _arg(128, "Pairs are truncated to this many tokens, special tokens included.",
                                ["--max_length"])
     streaming: bool = _arg(False, "Read --train_file lazily instead of loading it into memory "
@@ -88,16 +91,23 @@ class RunConfig:
     resume_from_checkpoint: str | None = _arg(
         None, "A checkpoint folder, or 'latest' for the newest complete one in OUTPUT_DIR/checkpoints "
               "(a fresh start when there is none yet, so a requeued job can always pass it).")
+    metric_for_best_model: Literal["accuracy", "f1", "loss"] = _arg(
+        "accuracy", "The dev metric that picks best/ and that early stopping watches (loss: lower is better; f1: "
+                    "of --positive_label with 2 labels, macro-F1 with more).")
     early_stopping_patience: int | None = _arg(
-        None, "Stop after this many evaluations in a row without a dev-accuracy gain of at least "
-              "--early_stopping_threshold.")
-    early_stopping_threshold: float = _arg(0.0, "Minimum dev-accuracy gain that counts as an improvement.")
+        None, "Stop after this many evaluations in a row without a gain of at least --early_stopping_threshold in "
+              "--metric_for_best_model.")
+    early_stopping_threshold: float = _arg(0.0, "Minimum gain in --metric_for_best_model that counts as an "
+                                                "improvement.")
     skip_nonfinite_loss: bool = _arg(
         False, "Skip optimizer steps whose loss is NaN/inf instead of stopping the run (costs a host sync "
                "per step).")
     # --- optimisation ------------------------------------------------------------------------------
     learning_rate: float = _arg(1e-5, "Peak AdamW learning rate.")
     num_train_epochs: int = _arg(3, "Training epochs.")
+    max_steps: int | None = _arg(
+        None, "Train for exactly this many optimizer steps instead of --num_train_epochs (the schedule, "
+              "checkpoints and resume follow it; the last epoch may end part-way).")
     batch_size: int | None = _arg(
         None, f"Training pairs per process and micro-batch (default {DEFAULT_BATCH}, the tutorial's). The global "
               "batch is then batch_size x processes x accumulation, so it grows with the process count.",
@@ -115,7 +125,11 @@ class RunConfig:
         ["--per_device_eval_batch_size"])
     gradient_accumulation_steps: int = _arg(1, "Micro-batches per optimizer step.")
     max_grad_norm: float = _arg(1.0, "Gradient clipping norm (0 disables clipping).")
+    lr_scheduler_type: Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                               "constant_with_warmup", "inverse_sqrt"] = _arg(
+        "linear", "Learning-rate schedule (transformers' get_scheduler names; those that need no extra arguments).")
     warmup_proportion: float = _arg(0.0, "Fraction of optimizer steps with linear warm-up.", ["--warmup_ratio"])
+    warmup_steps: int | None = _arg(None, "Warm-up optimizer steps (instead of --warmup_proportion).")
     weight_decay: float = _arg(0.01, "AdamW weight decay (never applied to biases and LayerNorm weights).")
     adam_beta1: float = _arg(0.9, "AdamW beta1.")
     adam_beta2: float = _arg(0.999, "AdamW beta2.")
@@ -125,6 +139,9 @@ class RunConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] | None = _arg(
         None, "Override the precision set by the accelerate config / launcher (fp16 needs a GPU).")
     cpu: bool = _arg(False, "Run on the CPU even when a GPU is present.")
+    tf32: bool | None = _arg(
+        None, "TF32 matmuls for fp32 work on NVIDIA Ampere or newer (default: on when training on a GPU; "
+              "recorded in run_config.json).")
     pad_to_multiple_of: int | None = _arg(
         None, "Pad batches to a multiple of this length (default: 8 on a GPU with mixed precision, where "
               "tensor cores want it; 1 otherwise).")
@@ -132,7 +149,10 @@ class RunConfig:
     torch_compile: bool = _arg(False, "Compile the model with torch.compile (inductor).")
     logging_steps: int = _arg(10, "Log loss and learning rate every N optimizer steps.")
     eval_steps: int | None = _arg(None, "Also evaluate every N optimizer steps (always after each epoch).")
-    report_to: Literal["none", "wandb"] = _arg("none", "Experiment tracker. wandb honours WANDB_MODE=offline.")
+    report_to: list[str] = _arg(
+        ["none"], "Experiment trackers: none, or any of wandb, tensorboard, mlflow (space- or comma-separated), or "
+                  "all. wandb honours WANDB_MODE=offline; tensorboard writes OUTPUT_DIR/tensorboard; mlflow "
+                  "logs to MLFLOW_TRACKING_URI (default OUTPUT_DIR/mlruns).")
     wandb_project: str = _arg("afqmc-dist", "W&B project name.")
     wandb_entity: str | None = _arg(None, "W&B entity (user or team); default: your W&B default.")
     wandb_group: str | None = _arg(None, "W&B group, e.g. to put the runs of a sweep together.")
@@ -142,6 +162,14 @@ class RunConfig:
     run_name: str | None = _arg(None, "Run name shown by the tracker.")
 
     # ------------------------------------------------------------------------------------------------
+    @property
+    def trackers(self) -> list[str]:
+        """--report_to as a list of tracker names (commas split, `all` expanded, `none` dropped)."""
+        names = [name.strip().lower() for value in self.report_to for name in value.split(",") if name.strip()]
+        if "all" in names:
+            return list(TRACKERS)
+        return [name for name in dict.fromkeys(names) if name != "none"]
+
     @property
     def predict_input(self) -> str | None:
         return self.predict_file or self.test_file
@@ -210,7 +238,7 @@ class RunConfig:
             "eval_batch_size": self.eval_batch_size, "eval_steps": self.eval_steps,
             "max_train_samples": self.max_train_samples, "max_eval_samples": self.max_eval_samples,
             "save_total_limit": self.save_total_limit, "early_stopping_patience": self.early_stopping_patience,
-            "pad_to_multiple_of": self.pad_to_multiple_of,
+            "pad_to_multiple_of": self.pad_to_multiple_of, "max_steps": self.max_steps,
         }
         for name, value in {**positive, **{k: v for k, v in optional_positive.items() if v is not None}}.items():
             if not value > 0:
@@ -221,6 +249,13 @@ class RunConfig:
             raise UserError(f"--max_seq_length must be at least 8, got {self.max_seq_length}")
         if not 0.0 <= self.warmup_proportion < 1.0:
             raise UserError(f"--warmup_proportion must be in [0, 1), got {self.warmup_proportion}")
+        if self.warmup_steps is not None and (self.warmup_steps < 0 or self.warmup_proportion):
+            raise UserError("--warmup_steps must be >= 0, and is given instead of --warmup_proportion, not with it")
+        unknown = [name for name in self.trackers if name not in TRACKERS]
+        if unknown:
+            raise UserError(f"--report_to {unknown[0]!r} is not one of none, {', '.join(TRACKERS)}, all")
+        if not self.task_name or not all(c.isalnum() or c in "_-." for c in self.task_name):
+            raise UserError(f"--task_name {self.task_name!r}: use letters, digits, '_', '-' or '.' (it names a file)")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise UserError("--weight_decay and --max_grad_norm must be >= 0")
         for name in ("adam_beta1", "adam_beta2"):

@@ -1,19 +1,40 @@
-"""Exceptions that end a run with one printed line instead of a traceback.
+"""How every entry point ends: one line and an exit status, never a traceback on the screen.
 
-Exit statuses of `train.py`: 0 done; 1 training stopped on a NaN/inf loss; 2 bad input (UserError); 3 stopped
-by a signal (SIGTERM/SIGUSR1/Ctrl-C) after saving a checkpoint, to be resumed with
-`--resume_from_checkpoint latest`. `exit_status` maps these exceptions to those statuses for every entry point.
+Exit statuses (the same for `train.py`, `afqmc_dist.predict`, `report`, `download`, `sweep` and every script in
+`launch/`):
+
+    0    done
+    1    training stopped on a NaN/inf loss (checkpoints and best/ from before it are kept)
+    2    bad input: a flag, a file, a model folder (UserError), found before anything was written
+    3    stopped by a signal (SIGTERM / SIGUSR1 / Ctrl-C); once training has started a checkpoint was saved:
+         continue with --resume_from_checkpoint latest
+    4    an unexpected error (a bug, or a failure of the machine): one line on the screen, the traceback in
+         OUTPUT_DIR/error.log
+    5    pruned: a sweep trial whose dev metric fell below the pruner's bar (see sweep.py)
+    130  a second Ctrl-C: stopped at once, without a checkpoint
+
+`exit_status` maps exceptions to those statuses. Under `afqmc_dist.launcher` (what the launch scripts use) each
+process also records its status and line in `$AFQMC_STATUS_DIR/rank<N>.json` and leaves the printing to the
+launcher, which prints the line once, last, and exits with the tool's own status.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import tempfile
+import traceback
 from collections.abc import Callable
+
+EXIT_OK, EXIT_NONFINITE, EXIT_USER, EXIT_STOPPED, EXIT_INTERNAL, EXIT_PRUNED = 0, 1, 2, 3, 4, 5
+EXIT_INTERRUPTED = 130
+STATUS_DIR_ENV = "AFQMC_STATUS_DIR"
+ERROR_LOG = "error.log"
 
 
 class UserError(Exception):
-    """A problem with the user's input. `train.py` prints it as one line and exits with status 2.
+    """A problem with the user's input, printed as one line (`error: ...`), exit status 2.
 
     The message must say where (file:line, or the flag) and what is wrong; no traceback is shown.
     Under several processes every rank that raises it prints its own `[rank N] error: ...` line.
@@ -22,9 +43,10 @@ class UserError(Exception):
 
 class TrainingStopped(Exception):
     """Training ended before its last step, on every rank at the same step; the message says why and what was
-    kept. `exit_code`: 3 after a stop signal (a checkpoint was saved), 1 after a non-finite loss."""
+    kept. `exit_code`: EXIT_STOPPED after a stop signal, EXIT_NONFINITE after a non-finite loss, EXIT_PRUNED for
+    a pruned sweep trial."""
 
-    def __init__(self, message: str, exit_code: int = 1):
+    def __init__(self, message: str, exit_code: int = EXIT_NONFINITE):
         super().__init__(message)
         self.exit_code = exit_code
 
@@ -35,23 +57,83 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+_log_dir: str | None = None
+
+
+def log_errors_to(folder: str | None) -> None:
+    """Where the traceback of an unexpected error goes (`folder/error.log`): each entry point calls this as soon
+    as it knows its output folder. Without one (or if it cannot be written), a file in the temp folder."""
+    global _log_dir
+    _log_dir = folder
+
+
+def _rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _write_traceback() -> str:
+    """Write the current exception's traceback to the error log; return the log's path (or why it could not)."""
+    name = ERROR_LOG if _rank() == 0 else f"error.rank{_rank()}.log"
+    text = "".join(traceback.format_exc())
+    for folder in (_log_dir, tempfile.gettempdir()):
+        if not folder or not os.path.isdir(folder):
+            continue
+        path = os.path.join(folder, name if folder == _log_dir else f"afqmc_dist-{os.getpid()}-{name}")
+        try:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(f"command: {' '.join(sys.argv)}\n\n{text}")
+            return path
+        except OSError:
+            continue
+    return "nowhere: no folder could be written"
+
+
+def _outcome(run: Callable[[], None]) -> tuple[int, str | None]:
+    """Run `run()` and return (exit status, the line to print or None)."""
+    prefix = f"[rank {_rank()}] " if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
+    try:
+        run()
+    except UserError as e:
+        return EXIT_USER, f"{prefix}error: {e}"
+    except TrainingStopped as e:
+        # Every rank stops at the same step for the same reason: rank 0 says it.
+        return e.exit_code, f"stopped: {e}" if _rank() == 0 else None
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED, f"{prefix}error: interrupted by a second Ctrl-C: stopped at once, without saving"
+    except Exception as e:  # noqa: BLE001 - the whole point: no traceback on the screen, the details in a file
+        where = _write_traceback()
+        return EXIT_INTERNAL, f"{prefix}error: unexpected {type(e).__name__}: {first_line(e)} (details in {where})"
+    return EXIT_OK, None
+
+
 def exit_status(run: Callable[[], None]) -> int:
     """Call `run()` (an entry point's whole work, on every rank) and return the process exit status.
 
     A UserError is printed as one `error:` line by every rank that raises it, prefixed with its rank under
     several processes, so an error seen by one rank only (a node-local path, say) is never silent. A
-    TrainingStopped is printed once, by rank 0 (every rank stops at the same step for the same reason).
-    Any other exception propagates with its traceback: it is a bug, not bad input.
+    TrainingStopped is printed once, by rank 0. Anything else is printed as one line naming the error and the
+    file holding its traceback. Under the project's launcher ($AFQMC_STATUS_DIR set), the status and line are
+    written to the status folder instead, for the launcher to print once.
     """
-    rank = os.environ.get("RANK", "0")
-    prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    status, line = _outcome(run)
+    status_dir = os.environ.get(STATUS_DIR_ENV)
+    if status_dir and _record_status(status_dir, status, line):
+        return status
+    if line:
+        print(line, file=sys.stderr, flush=True)
+    return status
+
+
+def _record_status(folder: str, status: int, line: str | None) -> bool:
+    """Write this rank's outcome to FOLDER/rank<N>.json (atomically); False if that is impossible."""
+    path = os.path.join(folder, f"rank{_rank()}.json")
     try:
-        run()
-    except UserError as e:
-        print(f"{prefix}error: {e}", file=sys.stderr)
-        return 2
-    except TrainingStopped as e:
-        if rank == "0":
-            print(f"stopped: {e}", file=sys.stderr)
-        return e.exit_code
-    return 0
+        with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+            json.dump({"rank": _rank(), "status": status, "line": line}, f)
+        os.replace(f"{path}.tmp", path)
+    except OSError:
+        return False
+    return True

@@ -34,7 +34,7 @@ class Tracker:
         self.metrics_path = os.path.join(cfg.output_dir, METRICS)
         self.label_list = list(cfg.label_list)
         self.last_step = 0
-        self.use_wandb = cfg.report_to == "wandb" and self._start_wandb(cfg, run_info, resume_id)
+        self.use_wandb = "wandb" in cfg.trackers and self._start_wandb(cfg, run_info, resume_id)
 
     def _start_wandb(self, cfg, run_info: dict, resume_id: str | None) -> bool:
         """Start the W&B run on the main process; True if it started (the same answer on every rank)."""

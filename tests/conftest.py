@@ -32,6 +32,21 @@ FILLER = list("的了是在我有他这中大来上国个到说们为子和你�
 PLANTED = "花"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one; bench/gpu_check.sh runs them)")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none here): bench/gpu_check.sh runs it on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def synthetic_pairs(n: int, seed: int) -> list[dict]:
     """`n` pairs, half positive: "1" iff both sentences contain PLANTED, else it is in one or neither.
 
