@@ -1,27 +1,31 @@
 """Full training checkpoints: what a killed run needs to continue as if nothing happened.
 
     OUTPUT_DIR/checkpoints/step_N/     accelerate's save_state (model, optimizer, scheduler, grad scaler, the RNG
-                                       state of every process) + train_state.json + metrics.jsonl up to step N
+                                       state of every process; files or, under FSDP/DeepSpeed, folders)
+                                       + train_state.json + metrics.jsonl up to step N + checksums.sha256
 
-`train_state.json` holds the loop's position (epoch, batches consumed in it, optimizer step), the best dev
-record, the early-stopping count, the partial loss window of every process, the W&B run id, the run's
-fingerprint (to refuse an incompatible resume) and the size of every file of the checkpoint. It is written last,
-into `step_N.tmp`, which is renamed to `step_N` only when complete: a kill during a save leaves a `.tmp` folder
-that is never taken for a checkpoint, and the previous checkpoint whole.
+`train_state.json` holds the loop's position (epoch, optimizer step), the best dev record, the early-stopping
+count, the partial loss window of every process, the number of processes that wrote it, the W&B run id and the
+run's fingerprint (to refuse an incompatible resume). Everything is written into `step_N.tmp`, the content hash of
+every file goes into `checksums.sha256` last (manifest.py), and the folder is renamed to `step_N` only then. A
+checkpoint is usable only if every file matches its hash: a save cut short, a file damaged or changed later, a
+`.tmp` leftover are never resumed from. `latest` says which checkpoints it skips and why, and refuses (touching
+nothing) when checkpoints exist but none is usable.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
 import shutil
 from dataclasses import dataclass, field
 
+from .distributed import first_error, on_main
 from .errors import UserError
-from .outputs import METRICS, replace_dir, write_json
+from .manifest import file_sha256, manifest_problem, write_manifest
+from .outputs import METRICS, remove_quietly, replace_dir, write_error, write_json
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "train_state.json"
@@ -33,14 +37,33 @@ class TrainState:
     """Where the training loop is. The same on every rank, except `window`, which holds one row per rank."""
 
     step: int = 0  # optimizer steps done
-    epoch: int = 1  # the epoch being trained (1-based); num_train_epochs + 1 once training is over
+    epoch: int = 1  # the epoch being trained (1-based); past the last one once training is over
     batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed (per process)
     best: dict | None = None  # the best dev record so far (see training.py)
     evals_without_improvement: int = 0
     window: list[list[float]] = field(default_factory=list)  # per rank: loss sum, pairs, real tokens, all tokens
     wandb_run_id: str | None = None
     fingerprint: dict = field(default_factory=dict)
-    files: dict[str, int] = field(default_factory=dict)  # file name -> size in bytes, for the completeness check
+    num_processes: int = 1  # how many processes wrote the checkpoint
+
+    @classmethod
+    def from_dict(cls, data) -> TrainState:
+        """A TrainState from train_state.json's object; TypeError/ValueError naming what is wrong."""
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        state = cls(**{k: v for k, v in data.items() if k in known})
+        for name in ("step", "epoch", "batches_in_epoch", "evals_without_improvement", "num_processes"):
+            value = getattr(state, name)
+            if type(value) is not int or value < 0:
+                raise ValueError(f'"{name}" is {value!r}, not a count')
+        if state.best is not None and not isinstance(state.best, dict) or not isinstance(state.fingerprint, dict):
+            raise ValueError('"best" or "fingerprint" is not a JSON object')
+        if not isinstance(state.window, list) or not all(
+                isinstance(row, list) and len(row) == 4 and all(isinstance(v, (int, float)) for v in row)
+                for row in state.window):
+            raise ValueError('"window" is not a list of [loss, pairs, tokens, tokens] rows')
+        return state
 
 
 def checkpoint_root(output_dir: str) -> str:
@@ -50,35 +73,57 @@ def checkpoint_root(output_dir: str) -> str:
 def save_checkpoint(accelerator, output_dir: str, state: TrainState, keep: int | None = None) -> str:
     """Write a checkpoint of the prepared objects and `state` to OUTPUT_DIR/checkpoints/step_N. Call on EVERY rank.
 
-    `accelerator.save_state` runs on every rank (each saves its own RNG state); the main process then adds the
-    metrics history and train_state.json and renames the folder into place. With `keep`, only the newest `keep`
-    checkpoints stay. Returns the checkpoint's path.
+    `accelerator.save_state` runs on every rank (each saves its own RNG state, and its shard under FSDP); the main
+    process then adds the metrics history, train_state.json and the checksums, and renames the folder into place.
+    With `keep`, only the newest `keep` checkpoints stay. If any rank's write fails (a full disk), the partial
+    `.tmp` folder is removed and every rank raises the same one-line UserError; a second Ctrl-C during the save
+    also removes it. Returns the checkpoint's path.
     """
     root = checkpoint_root(output_dir)
     final = os.path.join(root, f"step_{state.step}")
     tmp = f"{final}.tmp"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_quietly(tmp)
         os.makedirs(root, exist_ok=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        metrics = os.path.join(output_dir, METRICS)
-        if os.path.exists(metrics):
-            shutil.copyfile(metrics, os.path.join(tmp, METRICS))
-        state.files = {name: os.path.getsize(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
-        write_json(os.path.join(tmp, STATE_FILE), dataclasses.asdict(state))
-        replace_dir(tmp, final)
-        if keep:
-            for old in list_checkpoints(output_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+    try:
+        error = None
+        try:
+            accelerator.save_state(tmp)
+        except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError ("unexpected pos ...")
+            error = write_error(tmp, e)
+        error = first_error(accelerator, error)
+        if error is None and accelerator.is_main_process:
+            try:
+                _finish(output_dir, tmp, final, state)
+            except OSError as e:
+                error = write_error(tmp, e)
+        error = first_error(accelerator, error)
+        if error:
+            raise UserError(f"cannot save the checkpoint {final}: {error}; the partial folder was removed and "
+                            "the previous checkpoints are intact")
+    finally:
+        if accelerator.is_main_process and os.path.exists(tmp):
+            remove_quietly(tmp)
+    if accelerator.is_main_process and keep:
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
+def _finish(output_dir: str, tmp: str, final: str, state: TrainState) -> None:
+    """Main process: metrics copy, train_state.json, checksums (last), then the rename into place."""
+    metrics = os.path.join(output_dir, METRICS)
+    if os.path.exists(metrics):
+        shutil.copyfile(metrics, os.path.join(tmp, METRICS))
+    write_json(os.path.join(tmp, STATE_FILE), dataclasses.asdict(state))
+    write_manifest(tmp)
+    replace_dir(tmp, final)
+
+
 def list_checkpoints(output_dir: str) -> list[str]:
-    """Checkpoint folders of OUTPUT_DIR (complete or not), oldest first; `.tmp`/`.old` leftovers excluded."""
+    """Checkpoint folders of OUTPUT_DIR (usable or not), oldest first; `.tmp`/`.old` leftovers excluded."""
     root = checkpoint_root(output_dir)
     if not os.path.isdir(root):
         return []
@@ -87,55 +132,64 @@ def list_checkpoints(output_dir: str) -> list[str]:
 
 
 def checkpoint_problem(path: str) -> str | None:
-    """Why `path` is not a complete checkpoint, or None if it is."""
-    try:
-        with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
-            files = json.load(f)["files"]
-    except (OSError, ValueError, KeyError):
-        return f"no readable {STATE_FILE} (the save did not finish)"
-    for name, size in files.items():
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            return f"{name} is missing"
-        if os.path.getsize(file) != size:
-            return f"{name} has {os.path.getsize(file)} bytes, {size} were written"
-    return None
-
-
-def find_latest_checkpoint(output_dir: str) -> str | None:
-    """The newest complete checkpoint of OUTPUT_DIR (incomplete ones are skipped), or None."""
-    for path in reversed(list_checkpoints(output_dir)):
-        if checkpoint_problem(path) is None:
-            return path
-    return None
-
-
-def resolve_resume(cfg) -> str | None:
-    """The checkpoint --resume_from_checkpoint names ('latest': the newest complete one, None if there is none).
-
-    Raises UserError for a named checkpoint that is incomplete.
-    """
-    if cfg.resume_from_checkpoint == "latest":
-        return find_latest_checkpoint(cfg.output_dir)
-    path = cfg.resume_from_checkpoint
-    problem = checkpoint_problem(path)
+    """Why `path` is not a usable checkpoint (incomplete, damaged, unreadable state), or None if it is."""
+    if not os.path.isdir(path):
+        return "not a folder"
+    problem = manifest_problem(path)
     if problem:
-        raise UserError(f"--resume_from_checkpoint {path}: not a complete checkpoint: {problem}")
-    return path
+        return problem
+    try:
+        read_state(path)
+    except ValueError as e:
+        return f"{STATE_FILE}: {e}"
+    return None
+
+
+def find_latest_checkpoint(output_dir: str, say=print) -> str | None:
+    """The newest usable checkpoint of OUTPUT_DIR, or None when there is no checkpoint at all.
+
+    Each unusable one on the way is named with the reason (through `say`). When checkpoints exist but none is
+    usable, raises UserError naming each: starting afresh would throw away the run they belong to.
+    """
+    skipped = []
+    for path in reversed(list_checkpoints(output_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        say(f"--resume_from_checkpoint latest: skipping {path}: {problem}")
+        skipped.append(f"{os.path.basename(path)} ({problem})")
+    if skipped:
+        raise UserError(f"--resume_from_checkpoint latest: none of the {len(skipped)} checkpoint(s) in "
+                        f"{checkpoint_root(output_dir)} is usable: {'; '.join(skipped)}. Nothing was changed: name a "
+                        "checkpoint to resume from, or start a new run in another --output_dir")
+    return None
+
+
+def resolve_resume(cfg, accelerator) -> str | None:
+    """The checkpoint --resume_from_checkpoint names ('latest': the newest usable one, None if there is none).
+
+    Verified on the main process only (every file is hashed) and agreed on by every rank. Raises UserError for a
+    named checkpoint that is not usable, or for `latest` when no checkpoint is usable.
+    """
+    def resolve() -> str | None:
+        if cfg.resume_from_checkpoint == "latest":
+            return find_latest_checkpoint(cfg.output_dir)
+        path = cfg.resume_from_checkpoint
+        problem = checkpoint_problem(path)
+        if problem:
+            raise UserError(f"--resume_from_checkpoint {path}: not a usable checkpoint: {problem}")
+        return path
+
+    return on_main(accelerator, resolve)
 
 
 def read_state(path: str) -> TrainState:
-    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
-        return TrainState(**json.load(f))
-
-
-def file_digest(path: str) -> str:
-    """sha256 of a file's bytes (to tell whether a resumed run reads the same data)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """The checkpoint's TrainState; ValueError if train_state.json is not what the tool writes."""
+    try:
+        with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
+            return TrainState.from_dict(json.load(f))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
+        raise ValueError(str(e)) from None
 
 
 def run_fingerprint(cfg, model, plan) -> dict:
@@ -144,8 +198,8 @@ def run_fingerprint(cfg, model, plan) -> dict:
         "model_checkpoint": cfg.model_checkpoint,
         "head": cfg.head,
         "num_parameters": model.num_parameters(),
-        "train_file": file_digest(cfg.train_file),
-        "dev_file": file_digest(cfg.dev_file),
+        "train_file": file_sha256(cfg.train_file),
+        "dev_file": file_sha256(cfg.dev_file),
         "max_train_samples": cfg.max_train_samples,
         "max_seq_length": cfg.max_seq_length,
         "label_list": list(cfg.label_list),

@@ -1,11 +1,12 @@
 """Entry point: parse and validate the config, set up accelerate, then train / test / predict.
 
-    python train.py --model_checkpoint bert-base-chinese --train_file train.json --dev_file dev.json \
+    python train.py --model_checkpoint bert-base-chinese --train_file train.json --dev_file dev.json \\
         --test_file test.json --output_dir outputs/afqmc --do_train --do_predict
     accelerate launch --config_file accelerate_config.yaml train.py ...     # any number of processes
 
-Phases, each optional, in this order: setup (config, accelerator, every input file validated) -> train ->
-test (OUTPUT_DIR/best on --test_file) -> predict (OUTPUT_DIR/best on --predict_file) -> cleanup (trackers).
+Phases, each optional, in this order: setup (config, accelerator, every input file and the model checked; nothing
+written) -> claim the output folder (its lock; stale temporaries removed; a replaced run set aside) -> train ->
+test (OUTPUT_DIR/best on --test_file) -> predict (OUTPUT_DIR/best on --predict_file) -> cleanup (trackers, lock).
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ from __future__ import annotations
 import os
 import time
 
-from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 
 from .checkpoints import (
     check_compatible,
@@ -24,60 +24,31 @@ from .checkpoints import (
     resolve_resume,
     run_fingerprint,
 )
-from .config import RunConfig, parse_config
+from .arguments import parse_config
+from .config import RunConfig
 from .data import PairSchema, encode_datasets, load_datasets, make_eval_dataloader
-from .errors import UserError, exit_status
-from .evaluation import evaluate, predict
+from .distributed import on_main
+from .engine import check_real_parameters, make_accelerator, release_models
+from .errors import EXIT_STOPPED, TrainingStopped, UserError, exit_status, log_errors_to
+from .evaluation import evaluate, loggable, predict, prepare_for_inference
 from .model import build_model_and_tokenizer, check_model_fits, load_trained_config, load_trained_model
-from .outputs import RESULTS, RUN_CONFIG, TEST_RESULTS, find_best_dir, prepare_output_dir, write_json, write_predictions
+from .outputs import (
+    PHASE_CONFIGS,
+    RESULTS,
+    TEST_RESULTS,
+    find_best_dir,
+    remove_stale_temporaries,
+    restore_previous_run,
+    run_outputs,
+    set_aside_previous_run,
+    write_json,
+    write_predictions,
+)
+from .preemption import StopRequests
+from .runlock import RunLock
 from .summary import git_commit, run_summary
 from .tracking import Tracker
 from .training import train
-
-
-def make_accelerator(cfg: RunConfig) -> Accelerator:
-    """The Accelerator for this run; precision comes from --mixed_precision, else the launcher/config."""
-    try:
-        accelerator = Accelerator(
-            mixed_precision=cfg.mixed_precision,
-            cpu=cfg.cpu,
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            log_with=cfg.trackers or None,
-            # split_batches: a DataLoader batch holds the pairs of every process (one micro-batch of a global
-            # batch) and each process takes its slice, so the global batches are the same on any number of
-            # processes (sampling.py). No dispatching: with --streaming every process reads the file and keeps
-            # its share of each batch.
-            dataloader_config=DataLoaderConfiguration(split_batches=True, dispatch_batches=False),
-        )
-    except ValueError as e:  # e.g. bf16 asked of a device without it
-        raise UserError(f"accelerate cannot set up this run: {e}") from None
-    check_launch(accelerator)
-    return accelerator
-
-
-def check_launch(accelerator) -> None:
-    """Refuse a launch that accelerate would silently turn into something else than what was asked."""
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise UserError("fp16 mixed precision was requested but this run is on the CPU, where fp16 does "
-                        "nothing; use --mixed_precision bf16 (or no)")
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:
-        # e.g. --multi_gpu on a machine without GPUs: each process would train (and write) on its own.
-        raise UserError(f"the launcher started {launched} processes but accelerate connected "
-                        f"{accelerator.num_processes}; without GPUs, launch with ACCELERATE_USE_CPU=1 "
-                        "(see launch/cpu_debug_2proc.sh)")
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" \
-            and accelerator.distributed_type != DistributedType.FSDP:
-        raise UserError("the accelerate config asks for FSDP, but accelerate set up "
-                        f"{accelerator.distributed_type.value} (it shards across GPUs only, and falls back "
-                        "to DDP on the CPU); on a CPU, use launch/cpu_debug_2proc.sh")
-
-
-def release_models(accelerator) -> None:
-    """Free the prepared models (the caller drops its own references first). Call before the process group is
-    destroyed: a DDP wrapper freed after it would destroy the gloo group from its reducer without releasing the
-    GIL, and a gloo thread finishing a collective needs the GIL: the process would hang at exit."""
-    accelerator.free_memory()
 
 
 def check_trained_model(cfg) -> None:
@@ -90,41 +61,50 @@ def check_trained_model(cfg) -> None:
 
 
 def load_best_model(cfg, accelerator):
-    """OUTPUT_DIR/best, prepared for inference, and its tokenizer. Call on every rank."""
+    """OUTPUT_DIR/best, whole on this process's device, ready for inference, and its tokenizer. Every rank."""
     best_dir = find_best_dir(cfg.output_dir)
     model, tokenizer = load_trained_model(best_dir)
     check_model_fits(model, tokenizer, cfg.max_seq_length, best_dir)
-    return accelerator.prepare(model), tokenizer
+    return prepare_for_inference(accelerator, model), tokenizer
+
+
+def inference_loader(cfg, plan, accelerator, tokenizer, dataset):
+    # prepare_data_loader, not prepare: it shards the data without involving the engine (FSDP, DeepSpeed).
+    return accelerator.prepare_data_loader(make_eval_dataloader(dataset, cfg, plan, tokenizer, accelerator))
 
 
 def run_test(cfg, plan, accelerator, model, tokenizer, dataset, positive_id: int, tracker) -> dict:
     """Evaluate the best model on the labelled --test_file; write test_results.json."""
-    loader = accelerator.prepare(make_eval_dataloader(dataset, cfg, plan, tokenizer, accelerator))
-    metrics = evaluate(model, loader, accelerator, positive_id, desc="test")
+    loader = inference_loader(cfg, plan, accelerator, tokenizer, dataset)
+    metrics = evaluate(model, loader, accelerator, positive_id, list(cfg.label_list), desc="test")
     if accelerator.is_main_process:
         write_json(os.path.join(cfg.output_dir, TEST_RESULTS), {f"test_{k}": v for k, v in metrics.items()})
-    tracker.log(metrics, prefix="test", summary=True)
+    tracker.log(loggable(metrics), prefix="test", summary=True)
     accelerator.print(f"test: accuracy {metrics['accuracy']:.4f} f1 {metrics['f1']:.4f} ({metrics['count']} pairs)")
     return metrics
 
 
 def run_predict(cfg, plan, accelerator, model, tokenizer, dataset, tracker) -> list[str]:
     """Predict every line of --predict_file (default --test_file) with the best model, in input order."""
-    loader = accelerator.prepare(make_eval_dataloader(dataset, cfg, plan, tokenizer, accelerator))
+    loader = inference_loader(cfg, plan, accelerator, tokenizer, dataset)
     preds = predict(model, loader, accelerator, desc="predict")
     tracker.log({"samples_per_second": preds.samples_per_second, "count": len(preds)}, prefix="predict")
-    written = []
-    if accelerator.is_main_process:
-        written = write_predictions(cfg.output_dir, dataset.examples, preds, cfg.label_list, cfg.id_key)
-    accelerator.wait_for_everyone()
+    written = on_main(accelerator, lambda: write_predictions(cfg.output_dir, dataset.examples, preds,
+                                                             cfg.label_list, cfg.id_key, cfg.task_name))
     return written
 
 
 def prepare_resume(cfg, plan, model, accelerator) -> tuple[str | None, str | None]:
     """The checkpoint to resume from (None: start fresh) and its W&B run id, after checking that it belongs to
-    this run (same model, data, global batch, ...)."""
-    path = resolve_resume(cfg) if cfg.resume_from_checkpoint else None
+    this run (same model, data, global batch, ...). `latest` with no checkpoint starts afresh only when the folder
+    holds no other run's model: a finished run without checkpoints is never replaced silently."""
+    path = resolve_resume(cfg, accelerator) if cfg.resume_from_checkpoint else None
     if cfg.resume_from_checkpoint == "latest" and path is None:
+        trained = [name for name in run_outputs(cfg.output_dir) if name in ("best", RESULTS)]
+        if trained and not cfg.overwrite_output_dir:
+            raise UserError(f"--resume_from_checkpoint latest: {cfg.output_dir} holds a run's {trained[0]} but no "
+                            "checkpoint to resume from; pass --overwrite_output_dir to replace that run, or use "
+                            "another --output_dir")
         accelerator.print(f"--resume_from_checkpoint latest: no checkpoint in {cfg.output_dir} yet, starting afresh")
     if path is None:
         return None, None
@@ -133,10 +113,48 @@ def prepare_resume(cfg, plan, model, accelerator) -> tuple[str | None, str | Non
     return path, state.wandb_run_id
 
 
-def run(cfg: RunConfig) -> None:
+def claim_output_dir(cfg, accelerator, lock: RunLock, fresh: bool) -> None:
+    """Main process: lock the folder (or stop, naming the run that holds it), remove what a crashed save left,
+    and set a replaced run's outputs aside (they come back if the new run fails before its first best model)."""
+    def claim() -> None:
+        lock.acquire()
+        for path in remove_stale_temporaries(cfg.output_dir):
+            print(f"removed {path}, left by a save that was interrupted")
+        if fresh:
+            moved = set_aside_previous_run(cfg.output_dir)
+            if moved:
+                print(f"--overwrite_output_dir: the previous run's outputs ({', '.join(moved)}) are kept in "
+                      f"{cfg.output_dir}/.previous-run until this run saves its first best model")
+
+    on_main(accelerator, claim)
+    log_errors_to(cfg.output_dir)
+
+
+def train_phase(cfg, plan, accelerator, model, tokenizer, datasets, positive_id, tracker, resume_from,
+                stop_requests) -> dict:
+    """Train; on a failure before the first best model, put a replaced run's outputs back (not after a stop
+    signal: its checkpoint is the new run's, to be resumed)."""
+    try:
+        summary = train(cfg, plan, accelerator, model, tokenizer, datasets["train"], datasets["dev"], positive_id,
+                        tracker, run_fingerprint(cfg, model, plan), resume_from, stop_requests)
+    except BaseException as e:
+        if not (isinstance(e, TrainingStopped) and e.exit_code == EXIT_STOPPED) and accelerator.is_main_process \
+                and restore_previous_run(cfg.output_dir):
+            print(f"the run failed before its first best model: the previous run's outputs are back in "
+                  f"{cfg.output_dir}")
+        raise
+    if accelerator.is_main_process:
+        write_json(os.path.join(cfg.output_dir, RESULTS), summary)
+    tracker.summarize({k if k.startswith("best_") else f"best_{k}": v for k, v in summary.items()
+                       if not isinstance(v, dict)})
+    return summary
+
+
+def run(cfg: RunConfig, stop_requests: StopRequests) -> None:
     started = time.time()
     # --- setup: everything that can be wrong with the inputs is found before anything is written ---
-    accelerator = make_accelerator(cfg)
+    accelerator, run_info = make_accelerator(cfg)
+    stop_requests.attach(accelerator)
     plan = cfg.batch_plan(accelerator.num_processes)
     set_seed(cfg.seed)
     accelerator.print(f"{accelerator.num_processes} process(es), device {accelerator.device.type}, "
@@ -149,59 +167,71 @@ def run(cfg: RunConfig) -> None:
     datasets = load_datasets(cfg, schema)
     if not cfg.do_train:
         check_trained_model(cfg)
-    run_info = {**plan.describe(), "mixed_precision": accelerator.mixed_precision, "git_commit": git_commit()}
-    resume_from = wandb_id = None
+    run_info = {**plan.describe(), **run_info, "git_commit": git_commit()}
+    model = tokenizer = None
     if cfg.do_train:
         # The main process downloads a hub checkpoint first; the others then read it from the cache.
         with accelerator.main_process_first():
             model, tokenizer = build_model_and_tokenizer(cfg)
+        check_real_parameters(accelerator, model)
         run_info["num_parameters"] = model.num_parameters()
         needed = estimate_checkpoint_bytes(model.num_parameters())
         check_free_space(cfg.output_dir, needed if cfg.checkpointing_steps else needed // 4)
-        resume_from, wandb_id = prepare_resume(cfg, plan, model, accelerator)
-        encode_datasets({k: datasets[k] for k in ("train", "dev")}, tokenizer, cfg, accelerator)
-        if cfg.torch_compile:
-            model.compile()  # in place: parameter names (and so saved checkpoints) stay those of the model
-    if accelerator.is_main_process:
-        prepare_output_dir(cfg.output_dir, fresh=cfg.do_train and not resume_from)
-        write_json(os.path.join(cfg.output_dir, RUN_CONFIG), {**cfg.to_dict(), **run_info})
-    accelerator.wait_for_everyone()
-    tracker = Tracker(accelerator, cfg, run_info, resume_id=wandb_id)
 
-    # --- train ---
-    summary = {}
-    if cfg.do_train:
-        fingerprint = run_fingerprint(cfg, model, plan)
-        summary = train(cfg, plan, accelerator, model, tokenizer, datasets["train"], datasets["dev"], positive_id,
-                        tracker, fingerprint, resume_from)
-        if accelerator.is_main_process:
-            write_json(os.path.join(cfg.output_dir, RESULTS), summary)
-        tracker.summarize({k if k.startswith("best_") else f"best_{k}": v for k, v in summary.items()})
-        # Drop the training model and optimizer state before the best model is loaded.
+    # --- claim the output folder; from here on a stop signal is honoured at the next optimizer step ---
+    lock = RunLock(cfg.output_dir)
+    try:
+        with stop_requests.deferred():
+            resume_from, wandb_id = prepare_resume(cfg, plan, model, accelerator) if cfg.do_train else (None, None)
+            claim_output_dir(cfg, accelerator, lock, fresh=cfg.do_train and not resume_from)
+            phases = ["train"] if cfg.do_train else [p for p in ("test", "predict") if getattr(cfg, f"do_{p}")]
+            if accelerator.is_main_process:
+                for phase in phases:
+                    write_json(os.path.join(cfg.output_dir, PHASE_CONFIGS[phase]), {**cfg.to_dict(), **run_info})
+            tracker = Tracker(accelerator, cfg, run_info, resume_id=wandb_id)
+
+            # --- train ---
+            summary = {}
+            if cfg.do_train:
+                encode_datasets({k: datasets[k] for k in ("train", "dev")}, tokenizer, cfg, accelerator)
+                if cfg.torch_compile:
+                    model.compile()  # in place: parameter names (and so saved checkpoints) stay those of the model
+                summary = train_phase(cfg, plan, accelerator, model, tokenizer, datasets, positive_id, tracker,
+                                      resume_from, stop_requests)
+                # Drop the training model and optimizer state before the best model is loaded.
+                model = None
+                accelerator.free_memory()
+
+        # --- test and predict, with the best model loaded once ---
+        written = []
+        if cfg.do_test or cfg.do_predict:
+            model, tokenizer = load_best_model(cfg, accelerator)
+            encode_datasets({k: datasets[k] for k in ("test", "predict") if k in datasets}, tokenizer, cfg,
+                            accelerator)
+            if cfg.do_test:
+                summary.update({f"test_{k}": v for k, v in
+                                run_test(cfg, plan, accelerator, model, tokenizer, datasets["test"], positive_id,
+                                         tracker).items()})
+            if cfg.do_predict:
+                written = run_predict(cfg, plan, accelerator, model, tokenizer, datasets["predict"], tracker)
+
+        # --- cleanup ---
+        if cfg.do_train and cfg.wandb_log_model:
+            tracker.log_model(cfg.output_dir, name=f"{cfg.run_name or 'afqmc'}-best")
         model = None
-        accelerator.free_memory()
-
-    # --- test and predict, with the best model loaded once ---
-    written = []
-    if cfg.do_test or cfg.do_predict:
-        model, tokenizer = load_best_model(cfg, accelerator)
-        encode_datasets({k: datasets[k] for k in ("test", "predict") if k in datasets}, tokenizer, cfg, accelerator)
-        if cfg.do_test:
-            summary.update({f"test_{k}": v for k, v in
-                            run_test(cfg, plan, accelerator, model, tokenizer, datasets["test"], positive_id,
-                                     tracker).items()})
-        if cfg.do_predict:
-            written = run_predict(cfg, plan, accelerator, model, tokenizer, datasets["predict"], tracker)
-
-    # --- cleanup ---
-    if cfg.do_train and cfg.wandb_log_model:
-        tracker.log_model(cfg.output_dir, name=f"{cfg.run_name or 'afqmc'}-best")
-    model = None
-    release_models(accelerator)
-    tracker.finish()  # ends the trackers and the process group
+        release_models(accelerator)
+        tracker.finish()  # ends the trackers and the process group
+    finally:
+        lock.release()
     accelerator.print(run_summary(cfg, summary, written, time.time() - started))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the tool; return the exit status (see errors.py): 2 for a user error, printed as one `error:` line."""
-    return exit_status(lambda: run(parse_config(argv)))
+    def whole_run() -> None:
+        # Signals are handled from the first moment: a SIGTERM during start-up is one line and status 3.
+        with StopRequests() as stop_requests:
+            run(parse_config(argv), stop_requests)
+
+    log_errors_to(None)
+    return exit_status(whole_run)

@@ -1,28 +1,18 @@
-"""The run configuration: one dataclass, parsed from CLI flags and/or a YAML/JSON file, validated up front.
+"""The run configuration: one dataclass, validated up front (arguments.py parses it from flags and files).
 
 Flag names follow the tutorial this tool grew from (`--model_checkpoint`, `--batch_size`, ...); the modern
 Hugging Face names (`--model_name_or_path`, `--per_device_train_batch_size`, ...) are accepted as aliases.
-
-    python train.py --model_checkpoint bert-base-chinese --train_file train.json ... --do_train
-    python train.py run.yaml                           # everything from a file
-    python train.py --config run.yaml --seed 7         # a file, with flags overriding it
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
+import math
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
-import yaml
-from transformers import HfArgumentParser
-from transformers.hf_argparser import string_to_bool
-
-from .errors import UserError, first_line
+from .errors import UserError
 
 DEFAULT_BATCH = 4  # the tutorial's per-process training batch
 DEFAULT_EVAL_BATCH = 64
@@ -219,13 +209,23 @@ class RunConfig:
             needed.append(("predict_file", self.predict_input, "--do_predict"))
         for name, value, mode in needed:
             if not value:
-                raise UserError(f"--{name} is required with {mode}")
+                option = "--predict_file (or --test_file)" if name == "predict_file" else f"--{name}"
+                raise UserError(f"{option} is required with {mode}")
         for name in ("train_file", "dev_file", "test_file", "predict_file"):
             path = getattr(self, name)
+            if path and os.path.isdir(path):
+                raise UserError(f"--{name} {path} is a folder, not a file")
             if path and not os.path.isfile(path):
                 raise UserError(f"--{name} {path}: no such file")
             if path and not os.access(path, os.R_OK):
                 raise UserError(f"--{name} {path}: not readable")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"--{f.name} must be a finite number, got {value}")
+        if not 0 <= self.seed < 2**32:
+            raise UserError(f"--seed must be a whole number from 0 to {2**32 - 1} (what numpy and torch take), "
+                            f"got {self.seed}")
 
         positive = {
             "learning_rate": self.learning_rate, "num_train_epochs": self.num_train_epochs,
@@ -279,7 +279,8 @@ class RunConfig:
             if self.resume_from_checkpoint != "latest" and not os.path.isdir(self.resume_from_checkpoint):
                 raise UserError(f"--resume_from_checkpoint {self.resume_from_checkpoint}: no such folder")
 
-        if self.do_train and os.path.isdir(self.output_dir) and os.listdir(self.output_dir) \
+        held = {".afqmc.lock", ".afqmc.lock.json"}  # runlock.py's files: they stay when a run ends
+        if self.do_train and os.path.isdir(self.output_dir) and set(os.listdir(self.output_dir)) - held \
                 and not (self.overwrite_output_dir or self.resume_from_checkpoint):
             raise UserError(f"--output_dir {self.output_dir} is not empty: pass --overwrite_output_dir "
                             "to train into it anyway, or --resume_from_checkpoint to continue its run")
@@ -289,6 +290,8 @@ class RunConfig:
         while not os.path.exists(existing):
             existing = os.path.dirname(existing)
         if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+            if existing == os.path.abspath(self.output_dir):
+                raise UserError(f"--output_dir {self.output_dir} is not writable")
             raise UserError(f"--output_dir {self.output_dir} cannot be created: {existing} is not a writable folder")
 
 
@@ -312,82 +315,3 @@ class BatchPlan:
         """The values logged at start and put in the W&B config."""
         return {"global_batch_size": self.global_batch, "per_device_batch_size": self.per_device,
                 "num_processes": self.num_processes, "gradient_accumulation_steps": self.accumulation}
-
-
-class _Parser(HfArgumentParser):
-    """HfArgumentParser whose errors are one line (`error: ...`) instead of usage + message."""
-
-    def error(self, message):
-        raise UserError(f"{message} (see --help)")
-
-
-def _read_config_file(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise UserError(f"--config {path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
-        except (json.JSONDecodeError, yaml.YAMLError) as e:
-            raise UserError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'YAML'}: "
-                            f"{first_line(e)}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of option names to values")
-    known = {f.name for f in dataclasses.fields(RunConfig)}
-    for key in data:
-        if key not in known:
-            raise UserError(f"{path}: unknown option {key!r}")
-    return data
-
-
-def _convert_file_values(parser: argparse.ArgumentParser, data: dict, path: str) -> dict:
-    """Give the file's values each option's type and check its choices, as argparse does for flags.
-
-    argparse leaves non-string defaults as they are, and checks no default against `choices`: YAML's
-    `label_list: [0, 1]` would stay numbers (and match no label of the data) and `head: bogus` would pass.
-    """
-    actions = {action.dest: action for action in parser._actions}
-    converted = {}
-    for key, value in data.items():
-        action = actions[key]
-        if value is not None and action.type is not None:
-            multiple = action.nargs in ("+", "*")
-            items = value if multiple and isinstance(value, list) else [value]
-            if action.type is not string_to_bool and any(isinstance(v, bool) for v in items):
-                raise UserError(f"{path}: {key}: {value!r} is not a valid value (YAML reads unquoted yes/no/on/off "
-                                "as true/false: quote it)")
-            try:
-                items = [action.type(v if isinstance(v, (str, bool)) else str(v)) for v in items]
-            except (TypeError, ValueError, argparse.ArgumentTypeError):
-                raise UserError(f"{path}: {key}: invalid value {value!r}") from None
-            value = items if multiple else items[0]
-            if action.choices is not None and value not in action.choices:
-                allowed = ", ".join(repr(c) for c in action.choices)
-                raise UserError(f"{path}: {key}: {value!r} is not one of {allowed}")
-        converted[key] = value
-    return converted
-
-
-def parse_config(argv: list[str] | None = None) -> RunConfig:
-    """Parse flags (and an optional YAML/JSON file given as `--config FILE` or as the only argument), validate.
-
-    Values on the command line override the file's. Raises UserError on any problem.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
-        argv = ["--config", argv[0]]
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    known, rest = pre.parse_known_args(argv)
-
-    # allow_abbrev=False: a mistyped flag is an error, not silently taken for a longer one.
-    parser = _Parser(RunConfig, description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                     allow_abbrev=False)
-    parser.add_argument("--config", help="YAML or JSON file of options; flags given on the command line win.")
-    if known.config:
-        parser.set_defaults(**_convert_file_values(parser, _read_config_file(known.config), known.config))
-    try:
-        cfg = parser.parse_args_into_dataclasses(args=rest)[0]
-    except ValueError as e:  # HfArgumentParser's report of flags no field takes
-        raise UserError(str(e)) from None
-    cfg.validate()
-    return cfg

@@ -23,7 +23,8 @@ def git_commit() -> str | None:
 
 def run_summary(cfg, results: dict, written: list[str], seconds: float) -> str:
     """One screen: the best evaluation, test metrics, throughput, and where every file went."""
-    lines = ["", "=" * 72, f"run finished in {seconds / 60:.1f} min -> {cfg.output_dir}"]
+    took = f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
+    lines = ["", "=" * 72, f"run finished in {took} -> {cfg.output_dir}"]
     if "best_epoch" in results:
         lines.append(f"  best dev: epoch {results['best_epoch']} step {results['best_step']}: accuracy "
                      f"{results['dev_accuracy']:.4f}  f1 {results['dev_f1']:.4f}  precision "

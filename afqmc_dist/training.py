@@ -14,6 +14,7 @@ however they are spread over processes and accumulation steps: see `pair_loss`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -22,15 +23,18 @@ import torch
 from accelerate.utils import broadcast_object_list
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
-from .checkpoints import TrainState, read_state, restore_metrics, save_checkpoint
+from .checkpoints import TrainState, save_checkpoint
 from .data import make_eval_dataloader, make_train_dataloader
-from .errors import TrainingStopped, UserError
-from .evaluation import evaluate
+from .errors import EXIT_PRUNED, EXIT_STOPPED, TrainingStopped
+from .evaluation import evaluate, loggable
 from .outputs import RESULTS, save_best_model, write_json
 from .preemption import StopRequests
-from .sampling import global_batch_sizes, micro_batches_per_epoch
+from .resume import load_checkpoint
+from .sampling import micro_batches_per_epoch
+from .schedule import make_schedule
+from .selection import BestModelPolicy, best_record
+from .steps import finite_or_none, optimizer_step
 
 NO_DECAY = ("bias", "LayerNorm.weight", "norm.weight")  # suffixes of parameter names
 
@@ -117,48 +121,43 @@ class Throughput:
 
 
 def train(cfg, plan, accelerator, model, tokenizer, train_set, dev_set, positive_id: int, tracker,
-          fingerprint: dict, resume_from: str | None = None) -> dict:
+          fingerprint: dict, resume_from: str | None = None, stop_requests: StopRequests | None = None,
+          pruner=None) -> dict:
     """Fine-tune `model`, evaluating on the dev file after every epoch (and every `cfg.eval_steps`).
 
-    Keeps the best model (by dev accuracy) in OUTPUT_DIR/best and its record in OUTPUT_DIR/results.json, and
-    full checkpoints as --checkpointing_steps says. `positive_id` is the class whose F1 is reported;
-    `fingerprint` is stored in checkpoints; `resume_from` is a checkpoint to continue from. Returns the best
-    record (same on every rank). Raises TrainingStopped after a stop signal (checkpoint written) or a
-    non-finite loss.
+    Keeps the best model (by --metric_for_best_model) in OUTPUT_DIR/best and its record in OUTPUT_DIR/results.json,
+    and full checkpoints as --checkpointing_steps says. `positive_id` is the class whose F1 is reported with two
+    labels; `fingerprint` is stored in checkpoints; `resume_from` is a checkpoint to continue from;
+    `stop_requests` the run's signal handler (one is made if None); `pruner` a sweep trial's reporter
+    (pruning.py) or None. Returns the best record (same on every rank). Raises TrainingStopped after a stop
+    signal (checkpoint written), a non-finite loss or a pruned trial.
     """
     # --- setup ---
     train_loader = make_train_dataloader(train_set, cfg, plan, tokenizer, accelerator)
     dev_loader = make_eval_dataloader(dev_set, cfg, plan, tokenizer, accelerator)
     optimizer = make_optimizer(model, cfg, accelerator.device)
     model, optimizer, train_loader, dev_loader = accelerator.prepare(model, optimizer, train_loader, dev_loader)
-    # Real pairs of each global batch of an epoch (the same every epoch): the steps, and each step's loss scale.
-    batch_sizes = global_batch_sizes(len(train_set), plan.global_batch, cfg.dataloader_drop_last)
-    if not batch_sizes:
-        raise UserError(f"--dataloader_drop_last: the {len(train_set)} training pairs do not fill one global batch "
-                        f"of {plan.global_batch}")
-    micro_batches = micro_batches_per_epoch(batch_sizes, plan.micro_batch)
-    steps_per_epoch = len(batch_sizes)
-    total_steps = steps_per_epoch * cfg.num_train_epochs
+    schedule = make_schedule(cfg, len(train_set), plan.global_batch)
+    batch_sizes, total_steps = schedule.batch_sizes, schedule.total_steps
     # split_batches: the prepared scheduler steps once per optimizer step, whatever the number of processes.
-    scheduler = accelerator.prepare(get_scheduler(
-        "linear", optimizer, num_warmup_steps=int(cfg.warmup_proportion * total_steps),
-        num_training_steps=total_steps))
+    scheduler = accelerator.prepare(schedule.make_scheduler(cfg, optimizer))
+    policy = BestModelPolicy(cfg.metric_for_best_model, cfg.early_stopping_threshold)
 
-    state = TrainState(fingerprint=fingerprint, wandb_run_id=tracker.wandb_run_id)
+    state = TrainState(fingerprint=fingerprint, wandb_run_id=tracker.wandb_run_id,
+                       num_processes=accelerator.num_processes)
     counters = Throughput(accelerator.device)
     if resume_from:
-        accelerator.load_state(resume_from)  # weights, optimizer, scheduler, scaler, this rank's RNG streams
-        state = read_state(resume_from)
+        state = load_checkpoint(accelerator, resume_from, cfg.output_dir, schedule, plan)
         state.wandb_run_id = state.wandb_run_id or tracker.wandb_run_id
-        restore_metrics(accelerator, resume_from, cfg.output_dir)
         tracker.last_step = state.step
-        if len(state.window) == accelerator.num_processes:
+        if state.window:
             counters.window += torch.tensor(state.window[accelerator.process_index], dtype=torch.float64,
                                             device=accelerator.device)
         accelerator.print(f"resumed from {resume_from}: step {state.step}, epoch {state.epoch}, "
                           f"{state.batches_in_epoch} batches into it")
-    accelerator.print(f"training: {len(train_set)} pairs, {cfg.num_train_epochs} epoch(s) of {steps_per_epoch} "
-                      f"optimizer steps, {micro_batches} micro-batches per process and epoch")
+    accelerator.print(f"training: {len(train_set)} pairs, {schedule.describe()}, "
+                      f"{micro_batches_per_epoch(list(batch_sizes), plan.micro_batch)} micro-batches per process "
+                      "and epoch")
 
     # The first non-finite loss, recorded on the device (no sync) and checked where the loop syncs anyway.
     first_bad_step = torch.full((), -1, dtype=torch.long, device=accelerator.device)
@@ -184,62 +183,69 @@ def train(cfg, plan, accelerator, model, tokenizer, train_set, dev_set, positive
         """Evaluate on dev, keep the best model; True if early stopping says to stop (same on every rank)."""
         check_finite()
         counters.stop()
-        metrics = evaluate(model, dev_loader, accelerator, positive_id)
+        metrics = evaluate(model, dev_loader, accelerator, positive_id, list(cfg.label_list))
         model.train()
-        tracker.log(metrics, "dev", state.step, state.epoch)
+        tracker.log(loggable(metrics), "dev", state.step, state.epoch)
         accelerator.print(f"eval epoch {state.epoch} step {state.step}: accuracy {metrics['accuracy']:.4f} "
                           f"f1 {metrics['f1']:.4f} loss {metrics['loss']:.4f} ({metrics['count']} pairs)")
+        if pruner is not None and pruner.should_prune(state.step, metrics):
+            raise TrainingStopped(f"pruned at step {state.step}: dev {cfg.metric_for_best_model} "
+                                  f"{metrics[cfg.metric_for_best_model]:.4f} is below the sweep's bar",
+                                  exit_code=EXIT_PRUNED)
         best = state.best
-        if best is None or metrics["accuracy"] > best["dev_accuracy"]:
+        if policy.is_best(metrics, best):
             save_best_model(accelerator, model, tokenizer, cfg.output_dir)
-            state.best = {"best_epoch": state.epoch, "best_step": state.step, "dev_accuracy": metrics["accuracy"],
-                          "dev_f1": metrics["f1"], "dev_precision": metrics["precision"],
-                          "dev_recall": metrics["recall"], "dev_loss": metrics["loss"],
-                          "eval_count": metrics["count"]}
+            state.best = best_record(metrics, state.step, state.epoch)
             if accelerator.is_main_process:
                 write_json(os.path.join(cfg.output_dir, RESULTS), state.best)
-        improved = best is None or metrics["accuracy"] - best["dev_accuracy"] > cfg.early_stopping_threshold
-        state.evals_without_improvement = 0 if improved else state.evals_without_improvement + 1
+        state.evals_without_improvement = 0 if policy.improved(metrics, best) else state.evals_without_improvement + 1
         stop = bool(cfg.early_stopping_patience) and state.evals_without_improvement >= cfg.early_stopping_patience
         # Decided on the main process and broadcast: one rank's rounding can never leave another rank waiting.
         stop = broadcast_object_list([stop])[0]
         if stop:
-            accelerator.print(f"early stopping at step {state.step}: no dev-accuracy gain of at least "
-                              f"{cfg.early_stopping_threshold} in {state.evals_without_improvement} evaluations")
+            accelerator.print(f"early stopping at step {state.step}: no gain of at least "
+                              f"{cfg.early_stopping_threshold} in dev {cfg.metric_for_best_model} in "
+                              f"{state.evals_without_improvement} evaluations")
         counters.start()
         return stop
+
+    def stop_if_requested() -> None:
+        signal_name = stop_requests.requested()
+        if signal_name:
+            path = saved if saved_at == state.step else checkpoint()
+            raise TrainingStopped(f"{signal_name} received: stopped after step {state.step} and saved {path}; "
+                                  "continue with --resume_from_checkpoint latest", exit_code=EXIT_STOPPED)
 
     # --- train ---
     progress = tqdm(total=total_steps, initial=state.step, desc="train", unit="step",
                     disable=not accelerator.is_local_main_process)
     model.train()
-    stopped_early, saved, saved_at = False, None, None
-    with StopRequests(accelerator) as stop_requests, progress:
-        while state.epoch <= cfg.num_train_epochs and not stopped_early:
+    owned = stop_requests is None  # called on its own (not from cli.run): handle signals here
+    stop_requests = stop_requests or StopRequests(accelerator)
+    # A run resumed from its final checkpoint has nothing left to do.
+    finished = state.step >= total_steps and state.batches_in_epoch == 0
+    saved, saved_at, evaluated_at = None, None, None
+    with stop_requests if owned else contextlib.nullcontext(), stop_requests.deferred(), progress:
+        stop_if_requested()  # a signal that came while the run was being set up
+        while not finished:
             train_loader.set_epoch(state.epoch - 1)  # the order is a function of (seed, epoch)
             # A resumed epoch skips the batches it already trained on (same order: same seed and epoch).
             batches = accelerator.skip_first_batches(train_loader, state.batches_in_epoch) \
                 if state.batches_in_epoch else train_loader
             counters.start()
             for batch in batches:
+                if state.step >= total_steps:
+                    break  # --max_steps reached part-way through the epoch (or resumed there)
                 batch.pop("index")
                 weight, mask = batch["weight"], batch["attention_mask"]
                 real_pairs = batch_sizes[state.batches_in_epoch // plan.accumulation]
                 with accelerator.accumulate(model):
                     loss, summed = pair_loss(model, batch, plan.num_processes * plan.accumulation / real_pairs)
                     accelerator.backward(loss)
-                    skip = False
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
-                        # The gradient norm is already all-reduced: every rank takes the same decision. Reading
-                        # it is a host sync per step, the price of --skip_nonfinite_loss.
-                        skip = cfg.skip_nonfinite_loss and not torch.isfinite(grad_norm).item()
-                    if skip:
-                        accelerator.print(f"step {state.step + 1}: non-finite loss or gradient, update skipped")
-                    else:
-                        optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()
+                    step = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm,
+                                          cfg.skip_nonfinite_loss)
+                if step.skipped:
+                    accelerator.print(f"step {state.step + 1}: non-finite gradients, update skipped")
                 finite = torch.isfinite(summed)
                 if not cfg.skip_nonfinite_loss:
                     first_bad_step.copy_(torch.where((first_bad_step < 0) & ~finite, state.step + 1, first_bad_step))
@@ -253,27 +259,28 @@ def train(cfg, plan, accelerator, model, tokenizer, train_set, dev_set, positive
                 progress.update(1)
                 if state.step % cfg.logging_steps == 0 or state.step == total_steps:
                     check_finite()
-                    stats = {**counters.read(accelerator),
-                             "learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
+                    stats = {**counters.read(accelerator), "learning_rate": scheduler.get_last_lr()[0],
+                             "grad_norm": finite_or_none(step.grad_norm)}
                     progress.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['learning_rate']:.2e}",
                                          samples_s=f"{stats['samples_per_second']:.1f}",
                                          tokens_s=f"{stats['tokens_per_second']:.0f}")
-                    tracker.log(stats, "train", state.step, state.epoch)
-                if cfg.eval_steps and state.step % cfg.eval_steps == 0 and state.step % steps_per_epoch != 0:
-                    stopped_early = evaluate_and_decide()
+                    tracker.log({k: v for k, v in stats.items() if finite_or_none(v) is not None}, "train",
+                                state.step, state.epoch)
+                # The end of an epoch and of the run evaluate anyway (below).
+                mid_epoch = schedule.steps_done_in_epoch(state.step, state.epoch) < schedule.steps_per_epoch
+                if cfg.eval_steps and state.step % cfg.eval_steps == 0 and mid_epoch and state.step < total_steps:
+                    finished, evaluated_at = evaluate_and_decide(), state.step
                 if cfg.checkpoint_interval and state.step % cfg.checkpoint_interval == 0:
                     saved, saved_at = checkpoint(), state.step
-                signal_name = stop_requests.requested()
-                if signal_name:
-                    path = saved if saved_at == state.step else checkpoint()
-                    raise TrainingStopped(f"{signal_name} received: stopped after step {state.step} and saved "
-                                          f"{path}; continue with --resume_from_checkpoint latest", exit_code=3)
-                if stopped_early:
-                    break
+                stop_if_requested()
+                if finished:
+                    break  # early stopping
             counters.stop()
-            if not stopped_early:
-                stopped_early = evaluate_and_decide()
+            if evaluated_at != state.step:  # not just evaluated (only early stopping leaves the loop right after)
+                finished = evaluate_and_decide() or finished
+                evaluated_at = state.step
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            finished = finished or state.step >= total_steps
             if cfg.checkpointing_steps == "epoch":
                 checkpoint()
     if cfg.checkpoint_interval and state.step % cfg.checkpoint_interval != 0:

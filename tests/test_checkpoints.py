@@ -112,7 +112,7 @@ def test_stop_signal_finishes_the_step_saves_and_exits_3(reference, tiny_model, 
 
 
 def test_first_ctrl_c_asks_to_stop_the_second_quits_at_once(fresh_accelerate_state):
-    with StopRequests(Accelerator(cpu=True)) as requests:
+    with StopRequests(Accelerator(cpu=True)) as requests, requests.deferred():
         assert requests.requested() is None
         os.kill(os.getpid(), signal.SIGINT)  # Python runs the handler before the next line
         assert requests.requested() == "SIGINT"
@@ -205,8 +205,8 @@ def test_resuming_from_a_named_incomplete_checkpoint_is_refused(copied_run, synt
     assert main([str(a) for a in run_args(tiny_model, synthetic_data, copied_run,
                                           "--resume_from_checkpoint", newest)]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith(f"error: --resume_from_checkpoint {newest}: not a complete checkpoint: "
-                            "optimizer.bin has 0 bytes, ")
+    assert error.startswith(f"error: --resume_from_checkpoint {newest}: not a usable checkpoint: "
+                            "optimizer.bin (0 bytes) does not match its checksum")
     assert "\n" not in error
 
 

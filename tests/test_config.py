@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import yaml
 
-from afqmc_dist.config import RunConfig, parse_config
+from afqmc_dist.arguments import GROUPS, parse_config
+from afqmc_dist.config import RunConfig
 from afqmc_dist.data import PairSchema, read_pairs
 from afqmc_dist.errors import UserError
 
+ROOT = Path(__file__).resolve().parent.parent
 PAIR = '{"sentence1": "花呗如何还款", "sentence2": "花呗怎么还钱", "label": "1"}\n'
 
 
@@ -200,7 +208,7 @@ def test_yaml_numeric_labels_become_label_strings(files, tmp_path):
     assert read_pairs(files["train"], PairSchema.from_config(cfg), require_label=True)[0].label == 1
 
 
-@pytest.mark.parametrize("key, value", [("head", "bogus"), ("mixed_precision", "fp8"), ("report_to", "tensorboard"),
+@pytest.mark.parametrize("key, value", [("head", "bogus"), ("mixed_precision", "fp8"), ("lr_scheduler_type", "cosine_annealing"),
                                         ("batch_size", 8.5), ("num_train_epochs", "three")])
 def test_bad_value_in_file_names_the_key_and_the_file(files, tmp_path, key, value):
     path = write_yaml(tmp_path / "run.yaml", {**file_options(files), key: value})
@@ -264,9 +272,24 @@ VALIDATION_ERRORS = {
     "--warmup_proportion 1.5": (lambda f: train_args(f, "--warmup_proportion", "1.5"), ["--warmup_proportion"]),
     "--positive_label not in --label_list": (lambda f: train_args(f, "--positive_label", "2"),
                                              ["--positive_label", "'2'", "--label_list"]),
-    "unknown flag": (lambda f: train_args(f, "--lr", "1e-5"), ["--lr"]),
+    "unknown flag": (lambda f: train_args(f, "--lr", "1e-5"), ["unknown option --lr"]),
     "non-numeric value": (lambda f: train_args(f, "--learning_rate", "abc"), ["--learning_rate", "abc"]),
     "invalid choice": (lambda f: train_args(f, "--head", "pooler"), ["--head", "pooler"]),
+    "a negative learning rate": (lambda f: train_args(f, "--learning_rate", "-1e-3"),
+                                 ["--learning_rate must be > 0, got -0.001"]),
+    "an infinite learning rate": (lambda f: train_args(f, "--learning_rate", "inf"),
+                                  ["--learning_rate must be a finite number, got inf"]),
+    "a negative seed": (lambda f: train_args(f, "--seed", "-1"), ["--seed must be a whole number from 0 to 4294967295"]),
+    "a seed beyond numpy's": (lambda f: train_args(f, "--seed", "99999999999999999999"), ["--seed", "got 9999"]),
+    "a folder as --train_file": (lambda f: without(train_args(f), "--train_file") + ["--train_file", f["root"]],
+                                 ["--train_file", "is a folder, not a file"]),
+    "--do_predict without a file": (lambda f: ["--output_dir", f["output"], "--do_predict"],
+                                    ["--predict_file (or --test_file) is required with --do_predict"]),
+    "--warmup_steps with --warmup_proportion": (lambda f: train_args(f, "--warmup_steps", "5", "--warmup_proportion",
+                                                                     "0.1"), ["--warmup_steps", "not with it"]),
+    "--max_steps 0": (lambda f: train_args(f, "--max_steps", "0"), ["--max_steps must be > 0"]),
+    "an unknown tracker": (lambda f: train_args(f, "--report_to", "tensorbored"), ["--report_to 'tensorbored'"]),
+    "a task name that is a path": (lambda f: train_args(f, "--task_name", "../x"), ["--task_name"]),
 }
 
 
@@ -305,3 +328,94 @@ def test_an_output_dir_that_cannot_be_created_is_refused_up_front(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(UserError, match=r"--output_dir .*/out cannot be created: .*a-file is not a writable folder"):
         parse_config(["--do_predict", "--test_file", str(blocker), "--output_dir", str(blocker / "out")])
+
+
+def test_a_read_only_output_dir_is_named_as_not_writable():
+    """Checked as an unprivileged user (root may write into a read-only folder): `setpriv` drops to nobody."""
+    folder = Path(tempfile.mkdtemp(prefix="afqmc-read-only-"))
+    folder.chmod(0o755)
+    (folder / "test.json").write_text(PAIR, encoding="utf-8")
+    (folder / "test.json").chmod(0o644)
+    out = folder / "out"
+    out.mkdir(mode=0o555)
+    code = ("import sys; from afqmc_dist.arguments import parse_config\n"
+            "try:\n    parse_config(sys.argv[1:])\nexcept Exception as e:\n    print(e)")
+    command = [sys.executable, "-c", code, "--do_test", "--test_file", str(folder / "test.json"), "--output_dir",
+               str(out)]
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv: cannot check as an unprivileged user")
+        command = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", *command]
+    try:
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    finally:
+        out.chmod(0o755)
+        shutil.rmtree(folder)
+
+    assert result.stdout.strip() == f"--output_dir {out} is not writable", result.stderr[-2000:]
+
+
+def test_the_run_lock_files_left_in_a_folder_do_not_make_it_a_used_folder(files, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".afqmc.lock").write_text("")
+
+    assert parse_config(train_args(files)).output_dir == files["output"]
+
+
+# --- typos, switches and --help -------------------------------------------------------------------------------
+
+
+def test_a_mistyped_flag_names_the_closest_option(files):
+    assert error_of(train_args(files, "--learning_rat", "1e-3")) == \
+        "unknown option --learning_rat (did you mean --learning_rate?) (see --help)"
+
+
+def test_a_mistyped_config_key_names_the_closest_option(files, tmp_path):
+    path = write_yaml(tmp_path / "run.yaml", {**file_options(files), "num_train_epoch": 2})
+
+    assert error_of([path]) == f"{path}: unknown option 'num_train_epoch' (did you mean num_train_epochs?)"
+
+
+def test_booleans_are_plain_switches_and_true_in_a_config_file(files, tmp_path):
+    from_flags = parse_config(train_args(files, "--no_group_by_length", "--streaming"))
+    path = write_yaml(tmp_path / "run.yaml", {**file_options(files), "do_train": True, "group_by_length": False,
+                                              "streaming": "true"})
+    from_file = parse_config([path])
+
+    assert (from_flags.do_train, from_flags.group_by_length, from_flags.streaming) == (True, False, True)
+    assert (from_file.do_train, from_file.group_by_length, from_file.streaming) == (True, False, True)
+    assert "unexpected argument 'true'" in error_of(train_args(files, "--streaming", "true"))
+
+
+def test_tf32_is_decided_by_the_device_unless_a_switch_says(files):
+    assert parse_config(train_args(files)).tf32 is None
+    assert parse_config(train_args(files, "--tf32")).tf32 is True
+    assert parse_config(train_args(files, "--no_tf32")).tf32 is False
+
+
+def test_report_to_takes_a_list_comma_or_space_separated_and_all():
+    cfg = RunConfig(report_to=["tensorboard,mlflow", "wandb", "none"])
+    assert cfg.trackers == ["tensorboard", "mlflow", "wandb"]
+    assert RunConfig(report_to=["all"]).trackers == ["wandb", "tensorboard", "mlflow"]
+    assert RunConfig().trackers == []
+
+
+def test_help_groups_the_options_states_each_default_once_and_keeps_the_examples_as_lines(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--help"])
+    text = capsys.readouterr().out
+
+    assert exit_info.value.code == 0
+    headings = [line[:-1] for line in text.splitlines() if line.endswith("options:") and line != "options:"]
+    assert headings == [f"{title} options" for title in GROUPS]
+    assert "[DO_TRAIN]" not in text and "  --do_train  " in text.replace("\n", "  ")
+    batch = text[text.index("  --batch_size"):text.index("  --gradient_accumulation_steps")]
+    assert batch.count("default") == 1, batch
+    assert "(default: None)" not in text
+    examples = text[text.index("examples:"):]
+    assert "\n  python train.py run.yaml " in examples and "\n  python train.py --config run.yaml --seed 7" in examples
+
+
+def test_every_option_is_in_exactly_one_help_group():
+    grouped = [name for names in GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(f.name for f in dataclasses.fields(RunConfig))

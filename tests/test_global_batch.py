@@ -79,7 +79,7 @@ def dev_logits(out: Path, weights: dict[str, torch.Tensor], rows: list[dict]) ->
 
 @pytest.fixture(scope="module", params=["random", "length-grouped"])
 def runs(request, no_dropout_model, data, tmp_path_factory) -> dict[str, Path]:
-    grouping = ["--group_by_length", "false"] if request.param == "random" else []
+    grouping = ["--no_group_by_length"] if request.param == "random" else []
     root = tmp_path_factory.mktemp(f"global-batch-{request.param}")
     return {layout: train(no_dropout_model, data, root / layout.replace(" ", "-"), layout,
                           "--num_train_epochs", str(EPOCHS), "--checkpointing_steps", "epoch", *grouping)

@@ -1,0 +1,61 @@
+"""One optimizer step, the same under every engine: DDP, FSDP2, DeepSpeed, fp32, bf16, fp16 with a GradScaler.
+
+Call `optimizer_step` inside `accelerator.accumulate(model)` after `accelerator.backward(loss)`, on every micro-batch:
+accelerate turns the optimizer and scheduler calls into no-ops until the gradients of a whole global batch are in.
+
+Non-finite gradients:
+- fp16 with a GradScaler: an overflow (inf/NaN gradients) is NORMAL while the scaler looks for its scale. The
+  scaler skips that update and lowers the scale itself, in `optimizer.step()` (which also runs `scaler.update()`).
+  So the step is always called: skipping it ourselves would leave the scaler un-updated, and its next `unscale_`
+  raises "unscale_() has already been called on this optimizer since the last update()".
+- without a scaler, `--skip_nonfinite_loss` skips the update when the gradient norm is not finite (one host sync
+  per step); otherwise a non-finite loss stops the run (training.py).
+The gradient norm is a tensor (DDP, FSDP), a Python float (DeepSpeed), or None (DeepSpeed before its first step).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepResult:
+    grad_norm: torch.Tensor | float | None  # None on accumulation micro-batches
+    skipped: bool  # the update of this optimizer step was skipped (non-finite gradients)
+
+
+def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float,
+                   skip_nonfinite: bool) -> StepResult:
+    """Clip, step, schedule and zero the gradients (on sync micro-batches; no-ops on the others)."""
+    grad_norm, skipped = None, False
+    if accelerator.sync_gradients:
+        # Under fp16 this unscales the gradients first, so the norm (and the clipping) is the true one.
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
+        # The norm is all-reduced: every rank takes the same decision.
+        skipped = skip_nonfinite and accelerator.scaler is None and not is_finite(grad_norm)
+    if not skipped:
+        optimizer.step()
+        skipped = accelerator.sync_gradients and accelerator.scaler is not None and optimizer.step_was_skipped
+    scheduler.step()  # accelerate's scheduler does not advance past an update the scaler skipped
+    optimizer.zero_grad()
+    return StepResult(grad_norm, skipped)
+
+
+def is_finite(value: torch.Tensor | float | None) -> bool:
+    """True for a finite number, and for None (no norm yet); a tensor is read back (a host sync)."""
+    if value is None:
+        return True
+    if isinstance(value, torch.Tensor):
+        return bool(torch.isfinite(value).all())
+    return math.isfinite(value)
+
+
+def finite_or_none(value: torch.Tensor | float | None) -> float | None:
+    """`value` as a Python float if it is finite, else None (never log Infinity/NaN)."""
+    if value is None:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
