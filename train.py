@@ -8,7 +8,12 @@
 
 import sys
 
-from afqmc_dist.cli import main
+from afqmc_dist.errors import stop_while_starting
+
+if __name__ == "__main__":
+    stop_while_starting()  # before the seconds of imports below
+
+from afqmc_dist.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from .distributed import first_error, on_main
 from .errors import UserError
 from .manifest import file_sha256, manifest_problem, write_manifest
-from .outputs import METRICS, remove_quietly, replace_dir, write_error, write_json
+from .outputs import METRICS, WRITE_ERRORS, remove_quietly, replace_dir, write_error, write_json
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "train_state.json"
@@ -90,13 +90,15 @@ def save_checkpoint(accelerator, output_dir: str, state: TrainState, keep: int |
         error = None
         try:
             accelerator.save_state(tmp)
-        except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError ("unexpected pos ...")
+        except WRITE_ERRORS as e:
             error = write_error(tmp, e)
         error = first_error(accelerator, error)
         if error is None and accelerator.is_main_process:
             try:
                 _finish(output_dir, tmp, final, state)
-            except OSError as e:
+            except UserError as e:  # write_json's own report of a failed write
+                error = str(e)
+            except WRITE_ERRORS as e:
                 error = write_error(tmp, e)
         error = first_error(accelerator, error)
         if error:

@@ -16,6 +16,7 @@ import time
 
 from accelerate.utils import set_seed
 
+from .arguments import parse_config
 from .checkpoints import (
     check_compatible,
     check_free_space,
@@ -24,7 +25,6 @@ from .checkpoints import (
     resolve_resume,
     run_fingerprint,
 )
-from .arguments import parse_config
 from .config import RunConfig
 from .data import PairSchema, encode_datasets, load_datasets, make_eval_dataloader
 from .distributed import on_main
@@ -113,21 +113,26 @@ def prepare_resume(cfg, plan, model, accelerator) -> tuple[str | None, str | Non
     return path, state.wandb_run_id
 
 
-def claim_output_dir(cfg, accelerator, lock: RunLock, fresh: bool) -> None:
-    """Main process: lock the folder (or stop, naming the run that holds it), remove what a crashed save left,
-    and set a replaced run's outputs aside (they come back if the new run fails before its first best model)."""
+def claim_output_dir(cfg, accelerator, lock: RunLock) -> None:
+    """Lock the folder (main process), or stop naming the run that holds it; remove what a crashed save left."""
     def claim() -> None:
         lock.acquire()
         for path in remove_stale_temporaries(cfg.output_dir):
             print(f"removed {path}, left by a save that was interrupted")
-        if fresh:
-            moved = set_aside_previous_run(cfg.output_dir)
-            if moved:
-                print(f"--overwrite_output_dir: the previous run's outputs ({', '.join(moved)}) are kept in "
-                      f"{cfg.output_dir}/.previous-run until this run saves its first best model")
 
     on_main(accelerator, claim)
     log_errors_to(cfg.output_dir)
+
+
+def set_aside(cfg, accelerator) -> None:
+    """A fresh training run in a folder holding another run: set that run's outputs aside (main process); they come
+    back if the new run fails before its first best model."""
+    if accelerator.is_main_process:
+        moved = set_aside_previous_run(cfg.output_dir)
+        if moved:
+            print(f"--overwrite_output_dir: the previous run's outputs ({', '.join(moved)}) are kept in "
+                  f"{cfg.output_dir}/.previous-run until this run saves its first best model")
+    accelerator.wait_for_everyone()
 
 
 def train_phase(cfg, plan, accelerator, model, tokenizer, datasets, positive_id, tracker, resume_from,
@@ -182,8 +187,10 @@ def run(cfg: RunConfig, stop_requests: StopRequests) -> None:
     lock = RunLock(cfg.output_dir)
     try:
         with stop_requests.deferred():
+            claim_output_dir(cfg, accelerator, lock)
             resume_from, wandb_id = prepare_resume(cfg, plan, model, accelerator) if cfg.do_train else (None, None)
-            claim_output_dir(cfg, accelerator, lock, fresh=cfg.do_train and not resume_from)
+            if cfg.do_train and not resume_from:
+                set_aside(cfg, accelerator)
             phases = ["train"] if cfg.do_train else [p for p in ("test", "predict") if getattr(cfg, f"do_{p}")]
             if accelerator.is_main_process:
                 for phase in phases:

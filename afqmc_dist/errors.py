@@ -109,6 +109,24 @@ def _outcome(run: Callable[[], None]) -> tuple[int, str | None]:
     return EXIT_OK, None
 
 
+def stop_while_starting(signals=("SIGTERM", "SIGUSR1", "SIGINT")) -> None:
+    """Until the run installs its own handlers (preemption.py), a stop signal while Python is still importing
+    torch and transformers (seconds) ends the process with one line and status 3, not a traceback or a bare 143.
+    Entry points call this before their heavy imports."""
+    import signal
+
+    def stopped(signum, frame):
+        line = f"stopped: {signal.Signals(signum).name} received while starting up; nothing was written"
+        status_dir = os.environ.get(STATUS_DIR_ENV)
+        if not (status_dir and _record_status(status_dir, EXIT_STOPPED, line)):
+            print(line, file=sys.stderr, flush=True)
+        os._exit(EXIT_STOPPED)  # at once: an exception here could be swallowed by the import machinery
+
+    for name in signals:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), stopped)
+
+
 def exit_status(run: Callable[[], None]) -> int:
     """Call `run()` (an entry point's whole work, on every rank) and return the process exit status.
 

@@ -27,8 +27,13 @@ import shutil
 from contextlib import contextmanager
 
 import torch
+from safetensors import SafetensorError
 
 from .errors import UserError
+
+# What a failed write of weights raises: OSError, torch's RuntimeError ("unexpected pos ..." on a full disk),
+# safetensors' own error ("No space left on device").
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 BEST_DIR = "best"
 RESULTS, METRICS, TEST_RESULTS = "results.json", "metrics.jsonl", "test_results.json"
@@ -230,7 +235,7 @@ def save_best_model(accelerator, model, tokenizer, output_dir: str) -> str:
                 tokenizer.save_pretrained(tmp)
             replace_dir(tmp, final)
             discard_previous_run(output_dir)
-        except (OSError, RuntimeError) as e:  # safetensors reports a full disk as SafetensorError(RuntimeError)
+        except WRITE_ERRORS as e:
             error = write_error(tmp, e)
         finally:
             remove_quietly(tmp)

@@ -94,6 +94,63 @@ def history(out: Path, prefix: str = "dev") -> list[dict]:
     return records
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real, nearly empty filesystem of 100 MiB (a tmpfs mounted at tmp_path/disk), for full-disk tests; the
+    test fills it with `fill_disk`. Skips with the reason where mounting is not allowed (not root)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100m", "tmpfs", str(mount)], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill up here ({result.stderr.strip() or 'mount failed'})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def fill_disk(mount: Path, leave_bytes: int) -> Path:
+    """Fill the filesystem at `mount` with a ballast file until only about `leave_bytes` are free; delete the
+    returned file to free the space again."""
+    import shutil
+
+    ballast = mount / "ballast"
+    free = shutil.disk_usage(mount).free
+    with open(ballast, "wb") as f:
+        f.truncate(0)
+        chunk = b"\0" * (1 << 20)
+        remaining = max(free - leave_bytes, 0)
+        while remaining > 0:
+            remaining -= f.write(chunk[:min(len(chunk), remaining)])
+    return ballast
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under `folder` (relative path -> sha256 of its bytes): equal snapshots mean byte-identical trees."""
+    import hashlib
+
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def flip_byte(path: Path, offset: int | None = None) -> None:
+    """Change one byte of a file (in its middle by default), as a bad disk or a stray write would."""
+    data = bytearray(Path(path).read_bytes())
+    i = len(data) // 2 if offset is None else offset
+    data[i] ^= 0x01
+    Path(path).write_bytes(bytes(data))
+
+
+def last_error_line(stderr: str) -> str:
+    """The one line a failed run ends with: no traceback anywhere, and `error:` only on the last line."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines and [line for line in lines if "error: " in line] == lines[-1:], stderr[-3000:]
+    return lines[-1]
+
+
 def without_timing(records: list[dict]) -> list[dict]:
     """Records minus wall-clock measurements, for comparing runs that must compute the same thing."""
     return [{k: v for k, v in r.items() if not k.endswith(TIMING)} for r in records]

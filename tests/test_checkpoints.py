@@ -13,10 +13,27 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import history, kill_tree, read_jsonl, run_tool, start_tool, without_timing
+from conftest import (
+    fill_disk,
+    flip_byte,
+    history,
+    kill_tree,
+    last_error_line,
+    read_jsonl,
+    run_tool,
+    snapshot,
+    start_tool,
+    without_timing,
+)
 from safetensors.torch import load_file
 
-from afqmc_dist.checkpoints import check_free_space, find_latest_checkpoint
+from afqmc_dist.checkpoints import (
+    TrainState,
+    check_free_space,
+    checkpoint_problem,
+    find_latest_checkpoint,
+    save_checkpoint,
+)
 from afqmc_dist.cli import main
 from afqmc_dist.errors import UserError
 from afqmc_dist.preemption import StopRequests
@@ -182,7 +199,7 @@ def copied_run(reference, tmp_path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("cut", ["truncated weights", "no train_state.json", "a missing file"])
+@pytest.mark.parametrize("cut", ["truncated weights", "no train_state.json", "a missing file", "no checksums"])
 def test_checkpoint_cut_short_is_never_taken_for_latest(copied_run, cut):
     newest = copied_run / "checkpoints" / f"step_{STEPS}"
     if cut == "truncated weights":
@@ -190,6 +207,8 @@ def test_checkpoint_cut_short_is_never_taken_for_latest(copied_run, cut):
         (newest / "model.safetensors").write_bytes(data[:len(data) // 2])
     elif cut == "no train_state.json":
         (newest / "train_state.json").unlink()
+    elif cut == "no checksums":
+        (newest / "checksums.sha256").unlink()  # the last file a save writes
     else:
         (newest / "optimizer.bin").unlink()
     shutil.copytree(newest, copied_run / "checkpoints" / "step_80.tmp")  # a save killed before its rename
@@ -296,3 +315,194 @@ def test_too_little_free_disk_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match=r"--output_dir .*: \d+ MiB free on its disk, but a checkpoint and the best "
                                         r"model need about \d+ MiB"):
         check_free_space(str(tmp_path / "out"), needed=free + (1 << 40))
+
+
+# --- checksums: a damaged checkpoint is never resumed from -----------------------------------------------------
+
+CHECKPOINT_FILES = ["model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "train_state.json",
+                    "metrics.jsonl", "checksums.sha256"]
+
+
+@pytest.mark.parametrize("name", CHECKPOINT_FILES)
+def test_one_changed_byte_in_any_file_makes_latest_skip_the_checkpoint_and_say_why(copied_run, name):
+    newest = copied_run / "checkpoints" / f"step_{STEPS}"
+    assert sorted(p.name for p in newest.iterdir()) == sorted(CHECKPOINT_FILES)  # every file is covered
+    flip_byte(newest / name)
+    said = []
+
+    assert find_latest_checkpoint(str(copied_run), say=said.append) == str(copied_run / "checkpoints" / "step_48")
+    (line,) = said
+    assert line.startswith(f"--resume_from_checkpoint latest: skipping {newest}: ")
+    assert name in line or "checksums.sha256" in line
+
+
+def test_resuming_after_a_damaged_newest_checkpoint_ends_bit_identical(reference, copied_run, tiny_model,
+                                                                      synthetic_data):
+    """A stray write in the newest checkpoint's weights, same size: `latest` takes the one before, and the run
+    continues from there to exactly the uninterrupted run's end."""
+    flip_byte(copied_run / "checkpoints" / f"step_{STEPS}" / "model.safetensors")
+
+    resumed = run_tool(run_args(tiny_model, synthetic_data, copied_run, "--resume_from_checkpoint", "latest"))
+
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"skipping {copied_run / 'checkpoints' / f'step_{STEPS}'}: model.safetensors" in resumed.stdout
+    assert "resumed from" in resumed.stdout and "step 48" in resumed.stdout
+    assert_same_run(reference, copied_run)
+
+
+def test_latest_refuses_when_every_checkpoint_is_damaged_and_changes_nothing(copied_run, tiny_model, synthetic_data,
+                                                                             capsys, fresh_accelerate_state):
+    """What once wiped a run: no usable checkpoint used to mean 'starting afresh', which replaced best/ and
+    deleted the checkpoints. Now it is one line naming each checkpoint and why, and the folder stays as it was."""
+    for checkpoint in (copied_run / "checkpoints").iterdir():
+        flip_byte(checkpoint / "optimizer.bin")
+    before = snapshot(copied_run)
+
+    status = main([str(a) for a in run_args(tiny_model, synthetic_data, copied_run, "--resume_from_checkpoint",
+                                            "latest")])
+
+    assert status == 2
+    error = last_error_line(capsys.readouterr().err)
+    assert error.startswith(f"error: --resume_from_checkpoint latest: none of the 4 checkpoint(s) in "
+                            f"{copied_run / 'checkpoints'} is usable: step_64 (optimizer.bin")
+    assert all(f"step_{step} (optimizer.bin" in error for step in (16, 32, 48, 64))
+    assert snapshot(copied_run) == before
+
+
+def test_a_named_damaged_checkpoint_is_refused_in_one_line(copied_run, tiny_model, synthetic_data, capsys,
+                                                           fresh_accelerate_state):
+    checkpoint = copied_run / "checkpoints" / "step_48"
+    flip_byte(checkpoint / "random_states_0.pkl")
+
+    assert main([str(a) for a in run_args(tiny_model, synthetic_data, copied_run, "--resume_from_checkpoint",
+                                          checkpoint)]) == 2
+    assert last_error_line(capsys.readouterr().err) == (
+        f"error: --resume_from_checkpoint {checkpoint}: not a usable checkpoint: random_states_0.pkl "
+        f"({(checkpoint / 'random_states_0.pkl').stat().st_size} bytes) does not match its checksum (damaged or cut "
+        "short)")
+
+
+@pytest.mark.parametrize("value", ['"abc"', "-3", "[]"])
+def test_a_train_state_of_the_wrong_shape_makes_the_checkpoint_unusable(copied_run, value):
+    """Even with matching checksums (a bug that wrote it so): the loop's position must be counts."""
+    from afqmc_dist.manifest import write_manifest
+
+    newest = copied_run / "checkpoints" / f"step_{STEPS}"
+    state = json.loads((newest / "train_state.json").read_text())
+    (newest / "train_state.json").write_text(json.dumps(state).replace(f'"step": {STEPS}', f'"step": {value}'))
+    write_manifest(str(newest))
+
+    assert checkpoint_problem(str(newest)).startswith('train_state.json: "step" is ')
+
+
+def sharded_style_save(output_dir: Path) -> Path:
+    """A checkpoint written the way accelerate writes FSDP's SHARDED_STATE_DICT: the model and the optimizer as
+    folders of torch.distributed.checkpoint files (a save-state hook writes them, as accelerate's FSDP path does)."""
+    import torch.distributed.checkpoint as dcp
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    optimizer = torch.optim.AdamW(model.parameters())
+    model.train()
+    model(torch.randn(4, 8)).sum().backward()
+    optimizer.step()
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    def as_shards(models, weights, folder):
+        dcp.save({"model": model.state_dict()}, checkpoint_id=f"{folder}/pytorch_model_fsdp_0")
+        dcp.save({"optimizer": optimizer.state_dict()}, checkpoint_id=f"{folder}/optimizer_0")
+        weights.clear()  # the sharded folders replace the whole-model file
+
+    accelerator.register_save_state_pre_hook(as_shards)
+    return Path(save_checkpoint(accelerator, str(output_dir), TrainState(step=5)))
+
+
+def test_a_checkpoint_whose_model_and_optimizer_are_folders_is_complete_and_checked_file_by_file(
+        tmp_path, fresh_accelerate_state):
+    """FSDP/DeepSpeed save folders, not files: a completeness check that looked only at files never found such
+    a checkpoint complete, `latest` started afresh, and the fresh start deleted the run."""
+    checkpoint = sharded_style_save(tmp_path / "out")
+    shard_files = sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*.distcp"))
+    listed = (checkpoint / "checksums.sha256").read_text()
+
+    assert any(f.startswith("pytorch_model_fsdp_0/") for f in shard_files)
+    assert any(f.startswith("optimizer_0/") for f in shard_files)
+    assert all(f"  {f}\n" in listed for f in shard_files)
+    assert checkpoint_problem(str(checkpoint)) is None
+    assert find_latest_checkpoint(str(tmp_path / "out")) == str(checkpoint)
+
+    flip_byte(checkpoint / shard_files[0])
+    assert checkpoint_problem(str(checkpoint)).startswith(f"{shard_files[0]} (")
+    (checkpoint / shard_files[0]).unlink()
+    assert checkpoint_problem(str(checkpoint)) == f"{shard_files[0]} is missing"
+
+
+def test_a_garbage_rng_state_is_refused_rather_than_silently_ignored(tmp_path, fresh_accelerate_state):
+    """accelerate's load_state logs a random-state file it cannot read at info level and goes on: the resumed run
+    would quietly stop being exact. The tool compares what was restored with what the file holds."""
+    from afqmc_dist.resume import check_rng_restored
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.save_state(str(tmp_path / "state"))
+    (tmp_path / "state" / "random_states_0.pkl").write_bytes(b"not a pickle of random states")
+    accelerator.load_state(str(tmp_path / "state"))  # no error: that is the problem
+
+    with pytest.raises(UserError, match="random_states_0.pkl cannot be read .*would not be exact"):
+        check_rng_restored(accelerator, str(tmp_path / "state"))
+
+
+# --- a full disk, and Ctrl-C twice, while a checkpoint is being saved --------------------------------------------
+
+
+def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_the_run_resumes_exactly_once_space_is_freed(
+        tiny_model, synthetic_data, small_disk, tmp_path):
+    """The disk fills up between two checkpoints (the run is paused with SIGSTOP while a ballast file takes the
+    space): the next save fails. One error line naming the folder and the free space, no `.tmp` left to keep the
+    disk full, the earlier checkpoints intact; after freeing the space, `latest` continues to exactly the end of
+    an uninterrupted run."""
+    def args(out, *extra):
+        return run_args(tiny_model, synthetic_data, out, "--checkpointing_steps", "2", "--eval_steps", "1000",
+                        "--logging_steps", "1000", *extra)
+
+    reference = tmp_path / "reference"
+    assert run_tool(args(reference)).returncode == 0
+    out = small_disk / "out"
+    run = start_tool(args(out))
+    wait_for(out / "checkpoints" / "step_4", run)
+    run.send_signal(signal.SIGSTOP)
+    ballast = fill_disk(small_disk, leave_bytes=200_000)  # less than a checkpoint (about 1.5 MB)
+    run.send_signal(signal.SIGCONT)
+    _, stderr = run.communicate(timeout=300)
+
+    assert run.returncode == 2, stderr[-3000:]
+    error = last_error_line(stderr)
+    assert error.startswith(f"error: cannot save the checkpoint {out / 'checkpoints'}/step_")
+    assert "MiB free on its disk" in error and "the partial folder was removed" in error
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    assert all(checkpoint_problem(str(p)) is None for p in (out / "checkpoints").iterdir())
+
+    ballast.unlink()
+    resumed = run_tool(args(out, "--resume_from_checkpoint", "latest"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(reference, out)
+
+
+def test_a_second_ctrl_c_during_a_checkpoint_save_quits_in_one_line_and_removes_the_partial_folder(
+        synthetic_data, tmp_path):
+    """Checkpoints of a larger model take a noticeable time to write; two SIGINTs land while `step_1.tmp` exists."""
+    from afqmc_dist.tiny_model import SPECIAL_TOKENS, build_tiny_bert
+    from conftest import FILLER, PLANTED
+
+    model = build_tiny_bert(str(tmp_path / "larger-bert"), vocab=SPECIAL_TOKENS + sorted(set(FILLER + [PLANTED])),
+                            hidden_size=512, num_layers=4, num_heads=4)
+    out = tmp_path / "out"
+    run = start_tool(run_args(model, synthetic_data, out, "--checkpointing_steps", "1"))
+    wait_for(out / "checkpoints" / "step_1.tmp", run)
+    run.send_signal(signal.SIGINT)
+    time.sleep(0.01)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=120)
+
+    assert run.returncode == 130, stderr[-3000:]
+    assert last_error_line(stderr) == "error: interrupted by a second Ctrl-C: stopped at once, without saving"
+    assert not list((out / "checkpoints").glob("*.tmp"))

@@ -32,6 +32,7 @@ LAYOUTS = {
     "1 process x accumulation 2": (["--gradient_accumulation_steps", "2"], None),
 }
 ZERO_GRADIENT = "attention.self.key.bias"
+CHECKPOINT_EVERY = 10  # step_20 lies in the middle of epoch 1
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,8 @@ def runs(request, no_dropout_model, data, tmp_path_factory) -> dict[str, Path]:
     grouping = ["--no_group_by_length"] if request.param == "random" else []
     root = tmp_path_factory.mktemp(f"global-batch-{request.param}")
     return {layout: train(no_dropout_model, data, root / layout.replace(" ", "-"), layout,
-                          "--num_train_epochs", str(EPOCHS), "--checkpointing_steps", "epoch", *grouping)
+                          "--num_train_epochs", str(EPOCHS), "--checkpointing_steps", str(CHECKPOINT_EVERY),
+                          *grouping)
             for layout in LAYOUTS}
 
 
@@ -105,11 +107,39 @@ def test_the_final_weights_agree_except_where_the_gradient_is_zero(runs, no_drop
     for layout in ("2 processes", "1 process x accumulation 2"):
         weights = final_weights(runs[layout])
         assert weights.keys() == reference.keys()
-        compared = [name for name in reference if ZERO_GRADIENT not in name]
-        assert len(compared) == len(reference) - 2  # 2 layers, one key bias each
-        for name in compared:
-            scale = reference[name].abs().max().clamp_min(1e-12)
-            assert (weights[name] - reference[name]).abs().max() / scale <= 1e-4, f"{layout}: {name}"
+        assert len([name for name in reference if ZERO_GRADIENT in name]) == 2  # 2 layers, one key bias each
+        assert_same_weights(weights, reference, layout)
+
+
+def assert_same_weights(weights: dict, reference: dict, what: str) -> None:
+    compared = [name for name in reference if ZERO_GRADIENT not in name]
+    for name in compared:
+        scale = reference[name].abs().max().clamp_min(1e-12)
+        assert (weights[name] - reference[name]).abs().max() / scale <= 1e-4, f"{what}: {name}"
+
+
+@pytest.mark.parametrize(("written_by", "resumed_on"), [("2 processes", "1 process"), ("1 process", "2 processes")])
+def test_a_checkpoint_resumes_on_another_number_of_processes(runs, no_dropout_model, data, tmp_path, request,
+                                                             written_by, resumed_on):
+    """Preempted on N processes, requeued on M: mid-epoch checkpoint of one layout, resumed in the other, ends
+    where the uninterrupted run ends (dropout 0: the weights to 1e-4, key biases excepted)."""
+    if request.node.callspec.params["runs"] != "length-grouped":
+        pytest.skip("one batch order is enough for this check (the default, length-grouped)")
+    checkpoint = runs[written_by] / "checkpoints" / "step_20"
+    out = tmp_path / "resumed"
+    flags, script = LAYOUTS[resumed_on]
+    result = run_tool(["--model_checkpoint", no_dropout_model, "--train_file", data["train"], "--dev_file",
+                       data["dev"], "--output_dir", out, "--do_train", "--global_batch_size", G, "--learning_rate",
+                       "1e-3", "--seed", "3", "--logging_steps", "13", "--num_train_epochs", str(EPOCHS),
+                       "--checkpointing_steps", str(CHECKPOINT_EVERY), "--resume_from_checkpoint", checkpoint,
+                       *flags], script=script)
+
+    assert result.returncode == 0, result.stderr[-4000:]
+    processes = {"1 process": 1, "2 processes": 2}
+    assert (f"resuming a checkpoint written by {processes[written_by]} process(es) on {processes[resumed_on]}: the "
+            "data order, optimizer and schedule continue exactly; dropout masks are drawn differently") in result.stdout
+    assert "step 20, epoch 1" in result.stdout
+    assert_same_weights(final_weights(out), final_weights(runs[written_by]), f"{written_by} -> {resumed_on}")
 
 
 def test_dev_logits_and_predictions_agree(runs, data):
