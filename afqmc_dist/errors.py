@@ -11,7 +11,8 @@ Exit statuses (the same for `train.py`, `afqmc_dist.predict`, `report`, `downloa
     4    an unexpected error (a bug, or a failure of the machine): one line on the screen, the traceback in
          OUTPUT_DIR/error.log
     5    pruned: a sweep trial whose dev metric fell below the pruner's bar (see sweep.py)
-    130  a second Ctrl-C: stopped at once, without a checkpoint
+    130  interrupted by Ctrl-C where it cannot be deferred (a second one during training): stopped at once, no
+         checkpoint
 
 `exit_status` maps exceptions to those statuses. Under `afqmc_dist.launcher` (what the launch scripts use) each
 process also records its status and line in `$AFQMC_STATUS_DIR/rank<N>.json` and leaves the printing to the
@@ -91,7 +92,7 @@ def _write_traceback() -> str:
     return "nowhere: no folder could be written"
 
 
-def _outcome(run: Callable[[], None]) -> tuple[int, str | None]:
+def outcome(run: Callable[[], None]) -> tuple[int, str | None]:
     """Run `run()` and return (exit status, the line to print or None)."""
     prefix = f"[rank {_rank()}] " if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
     try:
@@ -102,7 +103,7 @@ def _outcome(run: Callable[[], None]) -> tuple[int, str | None]:
         # Every rank stops at the same step for the same reason: rank 0 says it.
         return e.exit_code, f"stopped: {e}" if _rank() == 0 else None
     except KeyboardInterrupt:
-        return EXIT_INTERRUPTED, f"{prefix}error: interrupted by a second Ctrl-C: stopped at once, without saving"
+        return EXIT_INTERRUPTED, f"{prefix}error: interrupted (Ctrl-C): stopped at once, without saving"
     except Exception as e:  # noqa: BLE001 - the whole point: no traceback on the screen, the details in a file
         where = _write_traceback()
         return EXIT_INTERNAL, f"{prefix}error: unexpected {type(e).__name__}: {first_line(e)} (details in {where})"
@@ -136,7 +137,7 @@ def exit_status(run: Callable[[], None]) -> int:
     file holding its traceback. Under the project's launcher ($AFQMC_STATUS_DIR set), the status and line are
     written to the status folder instead, for the launcher to print once.
     """
-    status, line = _outcome(run)
+    status, line = outcome(run)
     status_dir = os.environ.get(STATUS_DIR_ENV)
     if status_dir and _record_status(status_dir, status, line):
         return status

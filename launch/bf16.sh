@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bf16 mixed precision on every GPU of this node, or on the CPU when there is no nvidia-smi.
+# bf16 mixed precision on every GPU of this node, or on the CPU when torch sees no GPU.
 # bf16 is real on CPUs with bf16 units (AVX512-bf16/AMX: linear layers in bfloat16, ~1.2-1.6x faster); on an
 # AVX2-only CPU it is emulated and far slower than fp32.
 # NPROC overrides the process count (default: all GPUs; 1 on a CPU).
@@ -10,8 +10,11 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-if command -v nvidia-smi >/dev/null 2>&1; then
-    NPROC="${NPROC:-$(nvidia-smi -L | wc -l)}"
+# Count GPUs as torch will see them: CUDA_VISIBLE_DEVICES and MIG honoured (`nvidia-smi -L` lists every GPU
+# of the node, plus a line per MIG slice).
+GPUS=$(python -c 'import torch; print(torch.cuda.device_count())')
+if (( GPUS > 0 )); then
+    NPROC="${NPROC:-$GPUS}"
     MODE=(); if (( NPROC > 1 )); then MODE=(--multi_gpu); fi
 else
     # CPU: one process needs --cpu; several need --multi_gpu + ACCELERATE_USE_CPU=1 (see cpu_debug_2proc.sh).
@@ -20,7 +23,8 @@ else
     if (( NPROC > 1 )); then MODE=(--multi_gpu); export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"; else MODE=(--cpu); fi
 fi
 
-# --quiet: when one process fails, end with train.py's own error line, not accelerate's re-raised traceback.
-exec accelerate launch --quiet --config_file accelerate_config.yaml "${MODE[@]}" \
+# afqmc_dist.launcher: accelerate's launch, ending with train.py's own last line and exit status, and passing
+# SIGTERM / SIGUSR1 / Ctrl-C on to the training processes (see its docstring). `python` is the one on PATH.
+exec python -m afqmc_dist.launcher --config_file accelerate_config.yaml "${MODE[@]}" \
     --num_processes "$NPROC" --num_machines 1 --mixed_precision bf16 --dynamo_backend no \
     train.py "$@"

@@ -11,7 +11,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."   # repo root: train.py and accelerate_co
 # --cpu is the switch that counts: for one process accelerate's launcher REWRITES ACCELERATE_USE_CPU from its
 # own --cpu flag (an exported value alone would be replaced by "False"). The export is belt and braces.
 export ACCELERATE_USE_CPU=1
-# --quiet: when one process fails, end with train.py's own error line, not accelerate's re-raised traceback.
-exec accelerate launch --quiet --config_file accelerate_config.yaml --cpu \
+# afqmc_dist.launcher: accelerate's launch, ending with train.py's own last line and exit status, and passing
+# SIGTERM / SIGUSR1 / Ctrl-C on to the training processes (see its docstring). `python` is the one on PATH.
+exec python -m afqmc_dist.launcher --config_file accelerate_config.yaml --cpu \
     --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
     train.py "$@"

@@ -22,7 +22,9 @@ NPROC="${NPROC:-2}"   # --multi_gpu needs at least 2
 # Two debug jobs on one machine need different ports.
 MAIN_PROCESS_PORT="${MAIN_PROCESS_PORT:-29500}"
 
-exec accelerate launch --config_file accelerate_config.yaml --multi_gpu \
+# afqmc_dist.launcher: accelerate's launch, ending with train.py's own last line and exit status, and passing
+# SIGTERM / SIGUSR1 / Ctrl-C on to the training processes (see its docstring). `python` is the one on PATH.
+exec python -m afqmc_dist.launcher --config_file accelerate_config.yaml --multi_gpu \
     --num_processes "$NPROC" --num_machines 1 --mixed_precision no --dynamo_backend no \
     --main_process_port "$MAIN_PROCESS_PORT" \
     train.py "$@"

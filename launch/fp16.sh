@@ -9,12 +9,15 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-command -v nvidia-smi >/dev/null 2>&1 || {
-    echo "fp16.sh: fp16 needs a GPU and nvidia-smi is not found; on a CPU use launch/bf16.sh" >&2; exit 2; }
-NPROC="${NPROC:-$(nvidia-smi -L | wc -l)}"
+# Count GPUs as torch will see them: CUDA_VISIBLE_DEVICES and MIG honoured (`nvidia-smi -L` lists every GPU
+# of the node, plus a line per MIG slice).
+GPUS=$(python -c 'import torch; print(torch.cuda.device_count())')
+(( GPUS > 0 )) || { echo "fp16.sh: fp16 needs a GPU and torch sees none; on a CPU use launch/bf16.sh" >&2; exit 2; }
+NPROC="${NPROC:-$GPUS}"
 MODE=(); if (( NPROC > 1 )); then MODE=(--multi_gpu); fi
 
-# --quiet: when one process fails, end with train.py's own error line, not accelerate's re-raised traceback.
-exec accelerate launch --quiet --config_file accelerate_config.yaml "${MODE[@]}" \
+# afqmc_dist.launcher: accelerate's launch, ending with train.py's own last line and exit status, and passing
+# SIGTERM / SIGUSR1 / Ctrl-C on to the training processes (see its docstring). `python` is the one on PATH.
+exec python -m afqmc_dist.launcher --config_file accelerate_config.yaml "${MODE[@]}" \
     --num_processes "$NPROC" --num_machines 1 --mixed_precision fp16 --dynamo_backend no \
     train.py "$@"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One process per GPU of this node (DDP). NPROC overrides the count (default: every GPU nvidia-smi lists).
+# One process per GPU of this node (DDP). NPROC overrides the count (default: every GPU torch sees).
 # --batch_size is per process: the global batch is batch_size x NPROC x gradient_accumulation_steps.
 #
 #   launch/multi_gpu.sh --model_checkpoint bert-base-chinese --train_file ... --do_train
@@ -9,17 +9,19 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+# Count GPUs as torch will see them: CUDA_VISIBLE_DEVICES and MIG honoured (`nvidia-smi -L` lists every GPU
+# of the node, plus a line per MIG slice).
 if [[ -z "${NPROC:-}" ]]; then
-    command -v nvidia-smi >/dev/null 2>&1 || {
-        echo "multi_gpu.sh: nvidia-smi not found (no GPU?): set NPROC, or use launch/cpu_debug_2proc.sh on a CPU" >&2
-        exit 2; }
-    NPROC=$(nvidia-smi -L | wc -l)
+    NPROC=$(python -c 'import torch; print(torch.cuda.device_count())')
+    (( NPROC > 0 )) || {
+        echo "multi_gpu.sh: torch sees no GPU: set NPROC, or use launch/cpu_debug_2proc.sh on a CPU" >&2; exit 2; }
 fi
 # accelerate refuses --multi_gpu with fewer than 2 processes: a 1-GPU node runs a plain single process.
 MODE=()
 if (( NPROC > 1 )); then MODE=(--multi_gpu); fi
 
-# --quiet: when one process fails, end with train.py's own error line, not accelerate's re-raised traceback.
-exec accelerate launch --quiet --config_file accelerate_config.yaml "${MODE[@]}" \
+# afqmc_dist.launcher: accelerate's launch, ending with train.py's own last line and exit status, and passing
+# SIGTERM / SIGUSR1 / Ctrl-C on to the training processes (see its docstring). `python` is the one on PATH.
+exec python -m afqmc_dist.launcher --config_file accelerate_config.yaml "${MODE[@]}" \
     --num_processes "$NPROC" --num_machines 1 --dynamo_backend no \
     train.py "$@"

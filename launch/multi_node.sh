@@ -26,7 +26,9 @@ done
 # accelerate wants the TOTAL number of processes over all nodes, not the per-node count.
 NPROC=$(( NUM_MACHINES * GPUS_PER_NODE ))
 
-exec accelerate launch --config_file accelerate_config.yaml --multi_gpu \
+# afqmc_dist.launcher: accelerate's launch, ending with train.py's own last line and exit status, and passing
+# SIGTERM / SIGUSR1 / Ctrl-C on to the training processes (see its docstring). `python` is the one on PATH.
+exec python -m afqmc_dist.launcher --config_file accelerate_config.yaml --multi_gpu \
     --num_machines "$NUM_MACHINES" --machine_rank "$MACHINE_RANK" --num_processes "$NPROC" \
     --main_process_ip "$MAIN_PROCESS_IP" --main_process_port "$MAIN_PROCESS_PORT" --dynamo_backend no \
     train.py "$@"

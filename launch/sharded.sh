@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sharded training on every GPU of this node: FSDP2 (launch/fsdp.yaml, the default) or DeepSpeed ZeRO-2
 # (ENGINE=deepspeed: launch/deepspeed.yaml, needs `pip install deepspeed`). See the comments in those files.
-# NPROC overrides the process count (default: every GPU nvidia-smi lists); MIXED_PRECISION: no (default), bf16, fp16;
+# NPROC overrides the process count (default: every GPU torch sees); MIXED_PRECISION: no (default), bf16, fp16;
 # MAIN_PROCESS_PORT (default 29500): two jobs on one node need different ports.
 # Use --global_batch_size: the per-process batch then follows the number of GPUs and the training stays the same.
 #
@@ -14,15 +14,18 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 ENGINE="${ENGINE:-fsdp}"
 [[ -f "launch/$ENGINE.yaml" ]] || { echo "sharded.sh: ENGINE=$ENGINE: use fsdp or deepspeed" >&2; exit 2; }
+# Count GPUs as torch will see them: CUDA_VISIBLE_DEVICES and MIG honoured (`nvidia-smi -L` lists every GPU
+# of the node, plus a line per MIG slice).
 if [[ -z "${NPROC:-}" ]]; then
-    command -v nvidia-smi >/dev/null 2>&1 || {
-        echo "sharded.sh: nvidia-smi not found: sharded training needs GPUs (launch/cpu_debug_2proc.sh on a CPU)" >&2
+    NPROC=$(python -c 'import torch; print(torch.cuda.device_count())')
+    (( NPROC > 0 )) || {
+        echo "sharded.sh: torch sees no GPU: sharded training needs GPUs (launch/cpu_debug_2proc.sh on a CPU)" >&2
         exit 2; }
-    NPROC=$(nvidia-smi -L | wc -l)
 fi
 
-# --quiet: when one process fails, end with train.py's own error line, not accelerate's re-raised traceback.
-exec accelerate launch --quiet --config_file "launch/$ENGINE.yaml" \
+# afqmc_dist.launcher: accelerate's launch, ending with train.py's own last line and exit status, and passing
+# SIGTERM / SIGUSR1 / Ctrl-C on to the training processes (see its docstring). `python` is the one on PATH.
+exec python -m afqmc_dist.launcher --config_file "launch/$ENGINE.yaml" \
     --num_processes "$NPROC" --mixed_precision "${MIXED_PRECISION:-no}" \
     --main_process_port "${MAIN_PROCESS_PORT:-29500}" \
     train.py "$@"

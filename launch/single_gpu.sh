@@ -9,7 +9,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # --gpu_ids sets CUDA_VISIBLE_DEVICES for the child, so the process sees only that GPU (as cuda:0).
-# --quiet: when one process fails, end with train.py's own error line, not accelerate's re-raised traceback.
-exec accelerate launch --quiet --config_file accelerate_config.yaml \
+# afqmc_dist.launcher: accelerate's launch, ending with train.py's own last line and exit status, and passing
+# SIGTERM / SIGUSR1 / Ctrl-C on to the training processes (see its docstring). `python` is the one on PATH.
+exec python -m afqmc_dist.launcher --config_file accelerate_config.yaml \
     --num_processes 1 --num_machines 1 --gpu_ids "${GPU:-0}" --dynamo_backend no \
     train.py "$@"

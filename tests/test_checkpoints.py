@@ -504,5 +504,5 @@ def test_a_second_ctrl_c_during_a_checkpoint_save_quits_in_one_line_and_removes_
     _, stderr = run.communicate(timeout=120)
 
     assert run.returncode == 130, stderr[-3000:]
-    assert last_error_line(stderr) == "error: interrupted by a second Ctrl-C: stopped at once, without saving"
+    assert last_error_line(stderr) == "error: interrupted (Ctrl-C): stopped at once, without saving"
     assert not list((out / "checkpoints").glob("*.tmp"))

@@ -64,7 +64,8 @@ def test_the_tools_own_one_process_evaluation_agrees(two_process_run, synthetic_
 def test_files_are_written_once_by_the_main_process(two_process_run):
     out, _ = two_process_run
     names = sorted(os.listdir(out))
-    assert names == ["best", "metrics.jsonl", "predictions.jsonl", "results.json", "run_config.json",
+    # .afqmc.lock: the folder's lock file (runlock.py), free again: flock locks are released, not deleted
+    assert names == [".afqmc.lock", "best", "metrics.jsonl", "predictions.jsonl", "results.json", "run_config.json",
                      "test_results.json", "wandb"]
     steps = [r["step"] for r in history(out, "train")]
     assert steps == sorted(set(steps)), "each training record once"
