@@ -45,6 +45,7 @@ from .outputs import (
     write_predictions,
 )
 from .preemption import StopRequests
+from .pruning import TrialReporter
 from .runlock import RunLock
 from .summary import git_commit, run_summary
 from .tracking import Tracker
@@ -141,7 +142,8 @@ def train_phase(cfg, plan, accelerator, model, tokenizer, datasets, positive_id,
     signal: its checkpoint is the new run's, to be resumed)."""
     try:
         summary = train(cfg, plan, accelerator, model, tokenizer, datasets["train"], datasets["dev"], positive_id,
-                        tracker, run_fingerprint(cfg, model, plan), resume_from, stop_requests)
+                        tracker, run_fingerprint(cfg, model, plan), resume_from, stop_requests,
+                        TrialReporter.from_env(accelerator, cfg))
     except BaseException as e:
         if not (isinstance(e, TrainingStopped) and e.exit_code == EXIT_STOPPED) and accelerator.is_main_process \
                 and restore_previous_run(cfg.output_dir):

@@ -189,9 +189,7 @@ def train(cfg, plan, accelerator, model, tokenizer, train_set, dev_set, positive
         accelerator.print(f"eval epoch {state.epoch} step {state.step}: accuracy {metrics['accuracy']:.4f} "
                           f"f1 {metrics['f1']:.4f} loss {metrics['loss']:.4f} ({metrics['count']} pairs)")
         if pruner is not None and pruner.should_prune(state.step, metrics):
-            raise TrainingStopped(f"pruned at step {state.step}: dev {cfg.metric_for_best_model} "
-                                  f"{metrics[cfg.metric_for_best_model]:.4f} is below the sweep's bar",
-                                  exit_code=EXIT_PRUNED)
+            raise TrainingStopped(pruner.pruned_message(state.step), exit_code=EXIT_PRUNED)
         best = state.best
         if policy.is_best(metrics, best):
             save_best_model(accelerator, model, tokenizer, cfg.output_dir)

@@ -203,7 +203,8 @@ def _command(args: list, script: str | None, env: dict | None) -> tuple[list[str
 
 def run_tool(args: list, script: str | None = None, env: dict | None = None,
              timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run `python train.py ARGS`, or `launch/SCRIPT ARGS` (real launches through `afqmc_dist.launcher`), in a fresh process.
+    """Run `python train.py ARGS`, or `launch/SCRIPT ARGS` (a real launch through afqmc_dist.launcher), in a fresh
+    process.
 
     W&B is disabled unless `env` says otherwise; the venv running the tests provides `accelerate` on PATH.
     A run still going after `timeout` seconds fails the test with every process's Python stack (see `stacks_of`).
