@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import last_error_line, run_tool, train_args
+from conftest import last_error_line, read_jsonl, run_tool, train_args
 from transformers import AutoModelForSequenceClassification
 
 from afqmc_dist.cli import main
@@ -154,7 +154,7 @@ def test_fsdp2_trains_tests_and_predicts_on_one_gpu(tiny_model, synthetic_data, 
 
     assert result.returncode == 0, result.stderr[-4000:]
     assert json.loads((out / "test_results.json").read_text())["test_count"] == 64
-    assert sum(1 for _ in open(out / "predictions.jsonl", encoding="utf-8")) == 101
+    assert len(read_jsonl(out / "predictions.jsonl")) == 101
     # Sharded checkpoints are folders; `latest` must find them complete.
     from afqmc_dist.checkpoints import find_latest_checkpoint
 
