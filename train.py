@@ -13,7 +13,7 @@ from afqmc_dist.errors import stop_while_starting
 if __name__ == "__main__":
     stop_while_starting()  # before the seconds of imports below
 
-from afqmc_dist.cli import main  # noqa: E402
+from afqmc_dist.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -490,8 +490,9 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_the_run_resumes_ex
 def test_a_second_ctrl_c_during_a_checkpoint_save_quits_in_one_line_and_removes_the_partial_folder(
         synthetic_data, tmp_path):
     """Checkpoints of a larger model take a noticeable time to write; two SIGINTs land while `step_1.tmp` exists."""
-    from afqmc_dist.tiny_model import SPECIAL_TOKENS, build_tiny_bert
     from conftest import FILLER, PLANTED
+
+    from afqmc_dist.tiny_model import SPECIAL_TOKENS, build_tiny_bert
 
     model = build_tiny_bert(str(tmp_path / "larger-bert"), vocab=SPECIAL_TOKENS + sorted(set(FILLER + [PLANTED])),
                             hidden_size=512, num_layers=4, num_heads=4)

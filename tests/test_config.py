@@ -208,8 +208,9 @@ def test_yaml_numeric_labels_become_label_strings(files, tmp_path):
     assert read_pairs(files["train"], PairSchema.from_config(cfg), require_label=True)[0].label == 1
 
 
-@pytest.mark.parametrize("key, value", [("head", "bogus"), ("mixed_precision", "fp8"), ("lr_scheduler_type", "cosine_annealing"),
-                                        ("batch_size", 8.5), ("num_train_epochs", "three")])
+@pytest.mark.parametrize("key, value", [("head", "bogus"), ("mixed_precision", "fp8"),
+                                        ("lr_scheduler_type", "cosine_annealing"), ("batch_size", 8.5),
+                                        ("num_train_epochs", "three")])
 def test_bad_value_in_file_names_the_key_and_the_file(files, tmp_path, key, value):
     path = write_yaml(tmp_path / "run.yaml", {**file_options(files), key: value})
 
@@ -279,7 +280,8 @@ VALIDATION_ERRORS = {
                                  ["--learning_rate must be > 0, got -0.001"]),
     "an infinite learning rate": (lambda f: train_args(f, "--learning_rate", "inf"),
                                   ["--learning_rate must be a finite number, got inf"]),
-    "a negative seed": (lambda f: train_args(f, "--seed", "-1"), ["--seed must be a whole number from 0 to 4294967295"]),
+    "a negative seed": (lambda f: train_args(f, "--seed", "-1"),
+                        ["--seed must be a whole number from 0 to 4294967295"]),
     "a seed beyond numpy's": (lambda f: train_args(f, "--seed", "99999999999999999999"), ["--seed", "got 9999"]),
     "a folder as --train_file": (lambda f: without(train_args(f), "--train_file") + ["--train_file", f["root"]],
                                  ["--train_file", "is a folder, not a file"]),

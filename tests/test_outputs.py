@@ -11,7 +11,6 @@ from accelerate import Accelerator
 from conftest import (
     fill_disk,
     history,
-    last_error_line,
     plain_hf_predict,
     read_jsonl,
     snapshot,
