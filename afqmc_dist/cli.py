@@ -172,8 +172,10 @@ def run(cfg: RunConfig, stop_requests: StopRequests) -> None:
     schema = PairSchema.from_config(cfg)
     positive_id = schema.label2id[cfg.positive_label]
     datasets = load_datasets(cfg, schema)
+    trained = None  # a test/predict run's model, loaded (and so checked) before anything is written
     if not cfg.do_train:
         check_trained_model(cfg)
+        trained = load_best_model(cfg, accelerator)
     run_info = {**plan.describe(), **run_info, "git_commit": git_commit()}
     model = tokenizer = None
     if cfg.do_train:
@@ -214,7 +216,8 @@ def run(cfg: RunConfig, stop_requests: StopRequests) -> None:
         # --- test and predict, with the best model loaded once ---
         written = []
         if cfg.do_test or cfg.do_predict:
-            model, tokenizer = load_best_model(cfg, accelerator)
+            model, tokenizer = trained or load_best_model(cfg, accelerator)
+            trained = None
             encode_datasets({k: datasets[k] for k in ("test", "predict") if k in datasets}, tokenizer, cfg,
                             accelerator)
             if cfg.do_test:

@@ -1,199 +1,30 @@
-"""Sentence-pair data: validated JSON-lines reading, map-style and streaming datasets, and batch collation.
+"""Sentence-pair data for training and evaluation: map-style and streaming datasets, collation, DataLoaders.
 
-A file holds one JSON object per line, e.g. AFQMC's
-    {"sentence1": "花呗如何还款", "sentence2": "花呗怎么还钱", "label": "1"}
-Test files carry "id" and no "label". Keys and label values are configurable (`PairSchema`), so LCQMC, BQ and
-other datasets of this shape work unchanged. Every line is checked while it is read; the first bad one raises
-UserError("FILE:LINE: what is wrong").
+Files are read and checked by `pairs.py` (the first bad line raises UserError("FILE:LINE: what is wrong")) and
+tokenised once by `encoding.py` (with its self-checking cache); this module turns them into batches. Its names are
+the data layer's public interface, so the reading and tokenising names are importable from here too.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import itertools
-import json
 import math
-import os
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from .encoding import Encodings, cached_encode_pairs, default_cache_dir, encode_pairs
 from .errors import UserError
+from .pairs import PairExample, PairSchema, iter_pairs, read_pairs
 from .sampling import GlobalBatchSampler, epoch_seed
 
-
-@dataclass(frozen=True)
-class PairSchema:
-    """Where the sentences, label and id live in a JSON line, and which label values exist (order = class id)."""
-
-    sentence1_key: str = "sentence1"
-    sentence2_key: str = "sentence2"
-    label_key: str = "label"
-    id_key: str = "id"
-    label_list: tuple[str, ...] = ("0", "1")
-
-    @classmethod
-    def from_config(cls, cfg) -> PairSchema:
-        return cls(cfg.sentence1_key, cfg.sentence2_key, cfg.label_key, cfg.id_key, tuple(cfg.label_list))
-
-    @property
-    def label2id(self) -> dict[str, int]:
-        return {label: i for i, label in enumerate(self.label_list)}
-
-
-@dataclass
-class PairExample:
-    """One validated line. `label` is a class id, or None when the file has no labels; `raw` is the JSON object."""
-
-    sentence1: str
-    sentence2: str
-    label: int | None
-    raw: dict
-
-
-def _parse_line(text: str, where: str, schema: PairSchema, require_label: bool) -> PairExample:
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    sentences = []
-    for key in (schema.sentence1_key, schema.sentence2_key):
-        if key not in obj:
-            raise UserError(f"{where}: missing key {key!r}")
-        value = obj[key]
-        if not isinstance(value, str):
-            raise UserError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
-        if not value.strip():
-            raise UserError(f"{where}: {key!r} is empty")
-        sentences.append(value)
-    label = None
-    if require_label:
-        if schema.label_key not in obj:
-            raise UserError(f"{where}: missing key {schema.label_key!r}")
-        value = obj[schema.label_key]
-        # Some datasets of this shape write labels as numbers (1) rather than strings ("1").
-        text_value = str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else None
-        if text_value not in schema.label2id:
-            allowed = ", ".join(repr(v) for v in schema.label_list)
-            raise UserError(f"{where}: label {value!r} is not one of {allowed} (see --label_list)")
-        label = schema.label2id[text_value]
-    return PairExample(sentences[0], sentences[1], label, obj)
-
-
-def iter_pairs(path: str, schema: PairSchema, require_label: bool) -> Iterator[PairExample]:
-    """Yield validated examples of `path` in file order, reading one line at a time.
-
-    Tolerates a UTF-8 byte-order mark, CRLF line ends and blank lines at the end of the file; a blank line
-    followed by more data is an error (it would shift every later line number).
-    """
-    blank_at = None
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            try:
-                text = raw.decode("utf-8").strip()
-            except UnicodeDecodeError:
-                raise UserError(f"{path}:{lineno}: not valid UTF-8") from None
-            if not text:
-                blank_at = blank_at or lineno
-                continue
-            if blank_at is not None:
-                raise UserError(f"{path}:{blank_at}: empty line")
-            yield _parse_line(text, f"{path}:{lineno}", schema, require_label)
-
-
-def read_pairs(path: str, schema: PairSchema, require_label: bool, limit: int | None = None) -> list[PairExample]:
-    """All (or the first `limit`) examples of `path`, validated. Raises UserError if the file holds none."""
-    examples = []
-    for example in iter_pairs(path, schema, require_label):
-        if limit is not None and len(examples) >= limit:
-            break
-        examples.append(example)
-    if not examples:
-        raise UserError(f"{path}: no examples in file")
-    return examples
-
-
-@dataclass
-class Encodings:
-    """Token ids of N tokenised pairs, stored flat: pair i is `input_ids[offsets[i]:offsets[i + 1]]`.
-
-    Each pair is `[CLS] s1 [SEP] s2 [SEP]` (token_type_ids 0 then 1), truncated to the run's max length.
-    """
-
-    input_ids: torch.Tensor  # [total tokens] int32
-    token_type_ids: torch.Tensor  # [total tokens] int8
-    offsets: torch.Tensor  # [N + 1] int64
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        start, end = self.offsets[i], self.offsets[i + 1]
-        return self.input_ids[start:end], self.token_type_ids[start:end]
-
-    @property
-    def lengths(self) -> list[int]:
-        return self.offsets.diff().tolist()
-
-
-def encode_pairs(tokenizer, examples: list[PairExample], max_length: int, chunk: int = 1000) -> Encodings:
-    """Tokenise every pair once (in chunks, with the fast tokenizer's batch call)."""
-    ids, types, lengths = [], [], [0]
-    for start in range(0, len(examples), chunk):
-        part = examples[start:start + chunk]
-        encoded = tokenizer([e.sentence1 for e in part], [e.sentence2 for e in part], truncation=True,
-                            max_length=max_length, return_token_type_ids=True, return_attention_mask=False)
-        for pair_ids, pair_types in zip(encoded["input_ids"], encoded["token_type_ids"], strict=True):
-            ids += pair_ids
-            types += pair_types
-            lengths.append(len(pair_ids))
-    return Encodings(torch.tensor(ids, dtype=torch.int32), torch.tensor(types, dtype=torch.int8),
-                     torch.tensor(lengths).cumsum(0))
-
-
-def default_cache_dir() -> str:
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "afqmc_dist")
-
-
-def _cache_key(tokenizer, examples: list[PairExample], max_length: int) -> str:
-    """A digest of the pairs' text, the tokenizer (vocabulary and rules) and the max length."""
-    digest = hashlib.sha256(f"{type(tokenizer).__name__}\x1f{max_length}\x1f".encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    digest.update(backend.to_str().encode() if backend is not None
-                  else json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    for e in examples:
-        digest.update(f"{e.sentence1}\x1f{e.sentence2}\x1e".encode())
-    return digest.hexdigest()[:32]
-
-
-def cached_encode_pairs(tokenizer, examples: list[PairExample], max_length: int, cache_dir: str | None) -> Encodings:
-    """`encode_pairs`, read from / written to `cache_dir` (keyed by text + tokenizer + max length) when given.
-
-    A later run on the same file, tokenizer and max length loads the ids instead of tokenising again. The file
-    is written through a temporary name, so concurrent writers (one per node) cannot leave a torn file.
-    """
-    if not cache_dir:
-        return encode_pairs(tokenizer, examples, max_length)
-    path = os.path.join(cache_dir, f"pairs-{_cache_key(tokenizer, examples, max_length)}.pt")
-    if os.path.isfile(path):
-        return Encodings(**torch.load(path, weights_only=True))
-    encodings = encode_pairs(tokenizer, examples, max_length)
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        torch.save(dataclasses.asdict(encodings), tmp)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # an unwritable cache only costs the next run a re-tokenisation
-    return encodings
+__all__ = [
+    "Encodings", "PairCollator", "PairDataset", "PairExample", "PairSchema", "StreamingPairDataset",
+    "cached_encode_pairs", "default_cache_dir", "encode_datasets", "encode_pairs", "iter_pairs", "load_datasets",
+    "make_eval_dataloader", "make_train_dataloader", "read_pairs",
+]
 
 
 class PairDataset(Dataset):
@@ -238,11 +69,17 @@ class StreamingPairDataset(IterableDataset):
     Items are those of `PairDataset`, tokenised as they stream by (after `encode` has set the tokenizer). With
     `pad_to` > 1, the stream ends with weight-0 copies of its first items, up to a multiple of `pad_to` (the
     micro-batch, on several processes: see sampling.py).
+
+    DataLoader workers: a DataLoader with W workers asks worker 0 for its batch 0, worker 1 for batch 1, ...,
+    round-robin. So worker k keeps (and tokenises) only the items of batches k, k + W, k + 2W, ... of the stream,
+    `batch_size` items each, and the loader yields exactly the batches, in the order, that 0 workers would.
+    `batch_size` must therefore be the DataLoader's batch size (`make_train_dataloader` sets it). Use it with
+    non-persistent workers: each epoch's iterator must carry the epoch that `set_epoch` set.
     """
 
     def __init__(self, path: str, schema: PairSchema, seed: int, buffer_size: int, limit: int | None = None):
         self.path, self.schema, self.seed, self.buffer_size, self.limit = path, schema, seed, buffer_size, limit
-        self.epoch, self.pad_to = 0, 1
+        self.epoch, self.pad_to, self.batch_size = 0, 1, 1
         self.tokenizer, self.max_length = None, None
         count = sum(1 for _ in iter_pairs(path, schema, require_label=True))
         if count == 0:
@@ -258,13 +95,14 @@ class StreamingPairDataset(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _item(self, i: int, example: PairExample) -> dict:
+    def _item(self, i: int, example: PairExample, weight: float) -> dict:
         encodings = encode_pairs(self.tokenizer, [example], self.max_length)
         input_ids, token_type_ids = encodings[0]
         return {"index": i, "input_ids": input_ids, "token_type_ids": token_type_ids, "label": example.label,
-                "weight": 1.0}
+                "weight": weight}
 
-    def _shuffled(self) -> Iterator[dict]:
+    def _shuffled(self) -> Iterator[tuple[int, PairExample]]:
+        """(line index, example) of this epoch's order: the file through the seeded shuffle buffer."""
         rng = random.Random(epoch_seed(self.seed, self.epoch))
         buffer: list[tuple[int, PairExample]] = []
         for i, example in enumerate(iter_pairs(self.path, self.schema, require_label=True)):
@@ -276,38 +114,48 @@ class StreamingPairDataset(IterableDataset):
                 continue
             j = rng.randrange(len(buffer))
             buffer[j], item = item, buffer[j]
-            yield self._item(*item)
+            yield item
         rng.shuffle(buffer)
-        yield from (self._item(*item) for item in buffer)
+        yield from buffer
 
-    def __iter__(self):
+    def _padded(self) -> Iterator[tuple[int, PairExample, float]]:
+        """The epoch's stream with its weight: every pair (1.0), then copies of the first ones (0.0) up to a
+        multiple of `pad_to`."""
         missing = -self.num_examples % self.pad_to
         first = []
-        for item in self._shuffled():
+        for i, example in self._shuffled():
             if len(first) < missing:
-                first.append(item)
-            yield item
-        for item in itertools.islice(itertools.cycle(first), missing):
-            yield {**item, "weight": 0.0}
+                first.append((i, example))
+            yield i, example, 1.0
+        for i, example in itertools.islice(itertools.cycle(first), missing):
+            yield i, example, 0.0
+
+    def __iter__(self):
+        worker = get_worker_info()
+        workers, me = (worker.num_workers, worker.id) if worker else (1, 0)
+        for position, item in enumerate(self._padded()):
+            if (position // self.batch_size) % workers == me:
+                yield self._item(*item)
 
 
 class PairCollator:
     """Pad encoded dataset items into one batch.
 
     Output: input_ids, token_type_ids, attention_mask `[B, T]`, with T the longest pair of the batch (rounded up
-    to `pad_to_multiple_of`); `index` `[B]` (position in the dataset, to put gathered predictions back in
-    order); `weight` `[B]` float (1, or 0 for padding copies that must not count); `labels` `[B]` when every item
-    has one.
+    to `pad_to_multiple_of`, but never beyond `max_length`, the run's max length, which fits the model's
+    positions); `index` `[B]` (position in the dataset, to put gathered predictions back in order); `weight`
+    `[B]` float (1, or 0 for padding copies that must not count); `labels` `[B]` when every item has one.
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
-        self.pad_token_id, self.pad_to_multiple_of = pad_token_id, pad_to_multiple_of
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, max_length: int | None = None):
+        self.pad_token_id, self.pad_to_multiple_of, self.max_length = pad_token_id, pad_to_multiple_of, max_length
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         lengths = [len(item["input_ids"]) for item in items]
         width = max(lengths)
         if self.pad_to_multiple_of:
-            width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
+            rounded = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
+            width = max(width, min(rounded, self.max_length or rounded))
         input_ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
         token_type_ids = torch.zeros((len(items), width), dtype=torch.long)
         attention_mask = torch.zeros((len(items), width), dtype=torch.long)
@@ -352,13 +200,21 @@ def encode_datasets(datasets: dict[str, Dataset], tokenizer, cfg, accelerator) -
             dataset.encode(tokenizer, cfg.max_seq_length, cache_dir)
 
 
-def _loader_options(cfg, tokenizer, accelerator) -> dict:
+def _loader_options(cfg, tokenizer, accelerator, streaming: bool = False) -> dict:
     """DataLoader arguments shared by training and evaluation. On a GPU, batches go through pinned memory and,
-    with mixed precision, lengths are rounded up to a multiple of 8 (what tensor cores want)."""
+    with mixed precision, lengths are rounded up to a multiple of 8 (what tensor cores want), up to
+    --max_seq_length at most.
+
+    Workers of a map-style dataset persist across epochs (its sampler runs in the main process, so the workers
+    need nothing new each epoch, and starting them once saves a start-up per epoch and evaluation). A streaming
+    dataset's workers must not persist: they hold the copy of the dataset made when the epoch's iterator was
+    created, and `set_epoch` on the main process's copy would not reach them.
+    """
     on_gpu = accelerator.device.type == "cuda"
     multiple = cfg.pad_to_multiple_of or (8 if on_gpu and accelerator.mixed_precision != "no" else None)
-    return {"collate_fn": PairCollator(tokenizer.pad_token_id, multiple), "pin_memory": on_gpu,
-            "num_workers": cfg.dataloader_num_workers}
+    workers = cfg.dataloader_num_workers
+    return {"collate_fn": PairCollator(tokenizer.pad_token_id, multiple, cfg.max_seq_length), "pin_memory": on_gpu,
+            "num_workers": workers, "persistent_workers": workers > 0 and not streaming}
 
 
 def make_train_dataloader(dataset: Dataset, cfg, plan, tokenizer, accelerator) -> DataLoader:
@@ -371,11 +227,12 @@ def make_train_dataloader(dataset: Dataset, cfg, plan, tokenizer, accelerator) -
     The loader gets its own seeded generator so that creating its iterator does not draw from the global torch
     RNG (which also drives dropout): the data order and the dropout stream stay independent and repeatable.
     """
-    options = _loader_options(cfg, tokenizer, accelerator)
+    streaming = isinstance(dataset, IterableDataset)
+    options = _loader_options(cfg, tokenizer, accelerator, streaming)
     # One process can take a short last micro-batch; several must each get a share of every micro-batch.
     pad_to = plan.micro_batch if plan.num_processes > 1 else 1
-    if isinstance(dataset, IterableDataset):
-        dataset.pad_to = pad_to
+    if streaming:
+        dataset.pad_to, dataset.batch_size = pad_to, plan.micro_batch  # batch_size: how workers share the stream
         return DataLoader(dataset, batch_size=plan.micro_batch, **options)
     sampler = GlobalBatchSampler(len(dataset), plan.global_batch, cfg.seed,
                                  lengths=dataset.lengths if cfg.group_by_length else None,

@@ -8,7 +8,8 @@ The zip may hold the three files at its top level or inside one folder. Every fi
 official one before anything is moved into the output folder: the download and the unpacked files live in a
 temporary folder beside the output folder and are removed on any failure, so the output folder is either left
 as it was or holds three verified files. If it already holds them, nothing is downloaded (unless --force).
-Errors are one `error: ...` line on stderr, exit status 2.
+Errors are one `error: ...` line on stderr, exit status 2; an unexpected error is one line too, exit status 4,
+with its traceback in error.log in the output folder's parent.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from .errors import UserError
+from .errors import UserError, exit_status, log_errors_to
 
 DEFAULT_URL = "https://storage.googleapis.com/cluebenchmark/tasks/afqmc_public.zip"
 DEFAULT_OUTPUT_DIR = "data/afqmc_public"
@@ -112,7 +113,8 @@ def extract(zip_path: Path, staging: Path, url: str) -> None:
             try:
                 with archive.open(member) as src, open(staging / name, "wb") as dst:
                     shutil.copyfileobj(src, dst, CHUNK_BYTES)
-            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as e:
+                # RuntimeError: an encrypted member ("password required for extraction")
                 raise UserError(f"{member} in {url} cannot be unpacked: {e}") from None
 
 
@@ -182,24 +184,33 @@ def download(url: str, output_dir: Path, force: bool = False) -> str:
     return f"saved {names} to {output_dir} (sha256 verified)"
 
 
+class _Parser(argparse.ArgumentParser):
+    """Errors are one `error: ...` line (a UserError), as everywhere in the tool, not usage + message."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m afqmc_dist.download",
-                                     description="Download and verify the public AFQMC split (train/dev/test.json).")
+    parser = _Parser(prog="python -m afqmc_dist.download", allow_abbrev=False,
+                     description="Download and verify the public AFQMC split (train/dev/test.json).")
     parser.add_argument("--url", default=DEFAULT_URL, help="where afqmc_public.zip is (http, https or file://)")
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR, help="folder for the three files")
     parser.add_argument("--force", action="store_true", help="download even if the files are already there")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the download; return the exit status (0 done or already present, 2 for an error, printed as one line)."""
+def run(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        print(download(args.url, Path(args.output_dir), args.force))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    output_dir = Path(args.output_dir)
+    log_errors_to(os.path.dirname(os.path.abspath(output_dir)))
+    print(download(args.url, output_dir, args.force))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the download; return the exit status (0 done or already present, 2 for an error, printed as one line;
+    see errors.exit_status)."""
+    return exit_status(lambda: run(argv))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Models: the standard sequence-classification head, the tutorial's `[CLS]` head, and loading both back.
 
 Everything goes through `from_pretrained`, so a hub name (`bert-base-chinese`, `hfl/chinese-roberta-wwm-ext`)
-and a local folder take the same path. Every model returns a `SequenceClassifierOutput` whose `loss` is the mean
-cross-entropy when `labels` are given; `logits` are `[B, num_labels]`.
+and a local folder take the same path (a local folder is checked first: loading.py). Every model returns a
+`SequenceClassifierOutput` whose `loss` is the mean cross-entropy when `labels` are given; `logits` are
+`[B, num_labels]`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from transformers import (
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .errors import UserError, first_line
+from .errors import UserError
+from .loading import LOAD_ERRORS, check_folder, describe_loading, is_rank_zero, load_weights, reason
 
 
 class BertClsPairClassifier(BertPreTrainedModel):
@@ -48,26 +50,29 @@ class BertClsPairClassifier(BertPreTrainedModel):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
-def _load_error(path: str, e: Exception) -> UserError:
-    hint = "; if it is a BERT checkpoint, pass --model_type bert" if "model_type" in first_line(e) else ""
-    return UserError(f"--model_checkpoint {path}: cannot load ({first_line(e)}){hint}")
+def _load_error(where: str, e: Exception, hub: bool = False) -> UserError:
+    why = reason(e)
+    if hub:
+        return UserError(f"{where}: no such folder, and no model of that name could be loaded from the hub ({why})")
+    hint = "; if it is a BERT checkpoint, pass --model_type bert" if "model_type" in why else ""
+    return UserError(f"{where}: cannot load ({why}){hint}")
 
 
 def load_config(path: str, model_type: str | None, label_list: list[str]) -> PretrainedConfig:
     """The checkpoint's config with our label set. `model_type` forces the config class (e.g. "bert")."""
-    labels = {"num_labels": len(label_list), "id2label": dict(enumerate(label_list)),
-              "label2id": {label: i for i, label in enumerate(label_list)}}
+    where = f"--model_checkpoint {path}"
+    if model_type and model_type not in CONFIG_MAPPING:
+        raise UserError(f"--model_type {model_type!r} is not a transformers model type (e.g. bert)")
+    local = check_folder(path, where, hub_allowed=True)
+    # num_labels follows from id2label; passing it too makes transformers warn when the checkpoint's own
+    # id2label (a fine-tuned one's) has another length.
+    labels = {"id2label": dict(enumerate(label_list)), "label2id": {label: i for i, label in enumerate(label_list)}}
     try:
         if model_type:
-            if model_type not in CONFIG_MAPPING:
-                raise UserError(f"--model_type {model_type!r} is not a transformers model type (e.g. bert)")
             return CONFIG_MAPPING[model_type].from_pretrained(path, **labels)
         return AutoConfig.from_pretrained(path, **labels)
-    except (OSError, ValueError, KeyError) as e:
-        raise _load_error(path, e) from None
-
-
-HEAD_WEIGHTS = ("classifier", "score", "pooler")  # parts of a model a pretrained encoder need not have
+    except LOAD_ERRORS as e:
+        raise _load_error(where, e, hub=not local) from None
 
 
 def check_model_fits(model, tokenizer, max_seq_length: int, where: str) -> None:
@@ -84,8 +89,13 @@ def check_model_fits(model, tokenizer, max_seq_length: int, where: str) -> None:
 
 
 def build_model_and_tokenizer(cfg):
-    """The model to fine-tune (encoder weights from `cfg.model_checkpoint`, new classifier) and its tokenizer."""
+    """The model to fine-tune (encoder weights from `cfg.model_checkpoint`, new classifier) and its tokenizer.
+
+    Prints one line on rank 0 about the classifier head (new, or loaded from an already fine-tuned checkpoint),
+    and warns of checkpoint weights the model does not use (see loading.describe_loading).
+    """
     path = cfg.model_checkpoint
+    where = f"--model_checkpoint {path}"
     config = load_config(path, cfg.model_type, cfg.label_list)
     if cfg.head == "cls" and config.model_type != "bert":
         raise UserError(f"--head cls needs a BERT checkpoint, {path} is {config.model_type!r} "
@@ -93,38 +103,44 @@ def build_model_and_tokenizer(cfg):
     model_cls = BertClsPairClassifier if cfg.head == "cls" else AutoModelForSequenceClassification
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, config=config)
-        model, info = model_cls.from_pretrained(path, config=config, output_loading_info=True)
-    except RuntimeError as e:  # a fine-tuned checkpoint whose classifier has another number of labels
-        if "mismatched_sizes" not in str(e):
-            raise
-        raise UserError(f"--model_checkpoint {path} already has a classifier, for another number of labels than "
-                        f"the {len(cfg.label_list)} of --label_list: start from the base checkpoint") from None
-    except (OSError, ValueError) as e:
-        raise _load_error(path, e) from None
-    missing = [key for key in info["missing_keys"] if not any(part in key for part in HEAD_WEIGHTS)]
-    if missing:
-        raise UserError(f"--model_checkpoint {path}: {len(missing)} encoder weights are not in the checkpoint "
-                        f"(e.g. {missing[0]}); is --model_type right?")
-    check_model_fits(model, tokenizer, cfg.max_seq_length, f"--model_checkpoint {path}")
+        model, info = load_weights(model_cls, path, config)
+    except LOAD_ERRORS as e:
+        raise _load_error(where, e) from None
+    note = describe_loading(info, where, trained=False)
+    check_model_fits(model, tokenizer, cfg.max_seq_length, where)
+    if note and is_rank_zero():
+        print(note, flush=True)
     return model, tokenizer
 
 
 def load_trained_config(path: str) -> PretrainedConfig:
-    """The config of a folder written by this tool (OUTPUT_DIR/best): its labels and which head it has."""
+    """The config of a folder written by this tool (OUTPUT_DIR/best): its labels and which head it has.
+
+    Also checks that the folder's weights file is whole (its header, not its tensors), so that a damaged model
+    is refused before a run writes anything.
+    """
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise UserError(f"{path}: no trained model here; run --do_train first")
+    check_folder(path, f"{path}: cannot load the trained model", hub_allowed=False)
     try:
         return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot load the trained model ({first_line(e)})") from None
+    except LOAD_ERRORS as e:
+        raise UserError(f"{path}: cannot load the trained model ({reason(e)})") from None
 
 
 def load_trained_model(path: str):
-    """Load a folder written by this tool (OUTPUT_DIR/best), with whichever head it was trained with."""
+    """Load a folder written by this tool (OUTPUT_DIR/best), with whichever head it was trained with.
+
+    Every weight must be in the folder: a folder without a trained classifier (a base checkpoint such as
+    `tiny_model` writes) is refused rather than predicting with a random head.
+    """
     config = load_trained_config(path)
     model_cls = BertClsPairClassifier if BertClsPairClassifier.__name__ in (config.architectures or []) \
         else AutoModelForSequenceClassification
     try:
-        return model_cls.from_pretrained(path, config=config), AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot load the trained model ({first_line(e)})") from None
+        model, info = load_weights(model_cls, path, config)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except LOAD_ERRORS as e:
+        raise UserError(f"{path}: cannot load the trained model ({reason(e)})") from None
+    describe_loading(info, path, trained=True)
+    return model, tokenizer

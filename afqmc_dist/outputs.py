@@ -30,6 +30,7 @@ import torch
 from safetensors import SafetensorError
 
 from .errors import UserError
+from .loading import quiet_transformers
 
 # What a failed write of weights raises: OSError, torch's RuntimeError ("unexpected pos ..." on a full disk),
 # safetensors' own error ("No space left on device").
@@ -194,20 +195,6 @@ def find_best_dir(output_dir: str) -> str:
 
 # --- the best model ------------------------------------------------------------------------------------------
 
-@contextmanager
-def no_library_progress_bars():
-    """Keep transformers' own bars ("Writing model shards", ...) out of the training display."""
-    from transformers.utils import logging as hf_logging
-
-    was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_on:
-            hf_logging.enable_progress_bar()
-
-
 def save_best_model(accelerator, model, tokenizer, output_dir: str) -> str:
     """Write the prepared `model` and `tokenizer` to OUTPUT_DIR/best. Call on EVERY rank.
 
@@ -229,7 +216,7 @@ def save_best_model(accelerator, model, tokenizer, output_dir: str) -> str:
         tmp = f"{final}.tmp"
         try:
             remove_quietly(tmp)
-            with no_library_progress_bars():
+            with quiet_transformers():
                 accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict,
                                                                 save_function=accelerator.save)
                 tokenizer.save_pretrained(tmp)
@@ -248,6 +235,11 @@ def save_best_model(accelerator, model, tokenizer, output_dir: str) -> str:
 
 # --- predictions ---------------------------------------------------------------------------------------------
 
+def prediction_record(example, pred_id: int, prob: float, label_list) -> dict:
+    """One line of predictions.jsonl: the input line's fields, the predicted label and its probability."""
+    return {**example.raw, "pred_label": label_list[pred_id], "pred_prob": round(prob, 6)}
+
+
 def write_predictions(output_dir: str, examples, preds, label_list, id_key: str, task_name: str = "afqmc",
                       predictions_name: str = PREDICTIONS) -> list[str]:
     """Write predictions.jsonl (and TASK_predict.json when every input has `id_key`). Main process only.
@@ -259,7 +251,7 @@ def write_predictions(output_dir: str, examples, preds, label_list, id_key: str,
     pred_ids = preds.pred_ids.tolist()
     pred_probs = preds.probs.max(dim=-1).values.tolist()
     path = os.path.join(output_dir, predictions_name)
-    write_jsonl(path, ({**e.raw, "pred_label": label_list[p], "pred_prob": round(prob, 6)}
+    write_jsonl(path, (prediction_record(e, p, prob, label_list)
                        for e, p, prob in zip(examples, pred_ids, pred_probs, strict=True)))
     written = [path]
     clue = None

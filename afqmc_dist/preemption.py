@@ -65,8 +65,9 @@ class StopRequests:
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
         if not self.defer:
-            raise TrainingStopped(f"{self.received} received: stopped before anything was left half-done (no "
-                                  "training was under way, so there is no checkpoint to save)", exit_code=EXIT_STOPPED)
+            raise TrainingStopped(f"{self.received} received: stopped at once (no training was under way, so there "
+                                  "is no checkpoint to save, and nothing was left half-written)",
+                                  exit_code=EXIT_STOPPED)
 
     def requested(self) -> str | None:
         """The signal that asks this run to stop (on any rank), or None. Call on every rank at the same step."""

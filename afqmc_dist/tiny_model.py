@@ -16,8 +16,8 @@ from pathlib import Path
 
 from transformers import BertConfig, BertModel, BertTokenizer
 
-from .data import PairSchema, iter_pairs
 from .errors import UserError
+from .pairs import PairSchema, iter_pairs
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 SAMPLE_DIR = Path(__file__).parent / "sample_data"

@@ -110,19 +110,22 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
-def fill_disk(mount: Path, leave_bytes: int) -> Path:
-    """Fill the filesystem at `mount` with a ballast file until only about `leave_bytes` are free; delete the
-    returned file to free the space again."""
+def fill_disk(mount: Path, leave_bytes: int = 0) -> Path:
+    """Fill the filesystem at `mount` with a ballast file until at most about `leave_bytes` are free (0: to the
+    last byte); delete the returned file to free the space again."""
     import shutil
 
     ballast = mount / "ballast"
-    free = shutil.disk_usage(mount).free
-    with open(ballast, "wb") as f:
-        f.truncate(0)
-        chunk = b"\0" * (1 << 20)
-        remaining = max(free - leave_bytes, 0)
-        while remaining > 0:
-            remaining -= f.write(chunk[:min(len(chunk), remaining)])
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        for size in (1 << 20, 65536, 4096, 512, 1):
+            while shutil.disk_usage(mount).free - size >= leave_bytes:
+                try:
+                    os.write(fd, b"\0" * size)
+                except OSError:  # full
+                    break
+    finally:
+        os.close(fd)
     return ballast
 
 

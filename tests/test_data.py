@@ -1,218 +1,34 @@
-"""Specification of the data layer: reading and validating JSON-lines pairs, collation, streaming and sharding."""
+"""Specification of the data layer: datasets, collation, streaming (with processes and DataLoader workers) and
+the DataLoaders of a run. Reading files: test_pairs.py; tokenising and its cache: test_encoding.py."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import pytest
 import torch
 from accelerate.data_loader import IterableDatasetShard
 from conftest import SHARED, write_jsonl
+from pair_files import VOCAB_CHARS, line, write_bytes, write_lines
+from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, BertTokenizer
 
+from afqmc_dist.config import RunConfig
 from afqmc_dist.data import (
     PairCollator,
     PairDataset,
     PairExample,
     PairSchema,
     StreamingPairDataset,
-    cached_encode_pairs,
+    make_eval_dataloader,
+    make_train_dataloader,
     read_pairs,
 )
 from afqmc_dist.errors import UserError
 from afqmc_dist.tiny_model import SPECIAL_TOKENS, build_tiny_bert
 
 AFQMC = PairSchema()
-ROWS = [
-    {"sentence1": "花呗如何还款", "sentence2": "花呗怎么还钱", "label": "1"},
-    {"sentence1": "借呗能提前还吗", "sentence2": "花呗可以分期吗", "label": "0"},
-    {"sentence1": "我的花呗开通不了", "sentence2": "为什么不能开通花呗", "label": "1"},
-]
-GOOD = json.dumps(ROWS[0], ensure_ascii=False).encode()
-
-
-def write_bytes(path: Path, data: bytes) -> str:
-    path.write_bytes(data)
-    return str(path)
-
-
-def write_lines(path: Path, lines: list[bytes], end: bytes = b"\n") -> str:
-    return write_bytes(path, b"".join(line + end for line in lines))
-
-
-def line(**fields) -> bytes:
-    return json.dumps(fields, ensure_ascii=False).encode()
-
-
-def user_error(path: str, schema: PairSchema = AFQMC, require_label: bool = True) -> str:
-    """The message of the UserError that reading `path` raises (fails the test if nothing is raised)."""
-    with pytest.raises(UserError) as info:
-        read_pairs(path, schema, require_label=require_label)
-    return str(info.value)
-
-
-# --- valid files --------------------------------------------------------------------------------------------
-
-
-def test_valid_file_reads_sentences_labels_and_raw_objects(tmp_path):
-    rows = [{**ROWS[0], "extra": 7}, ROWS[1], ROWS[2]]
-    examples = read_pairs(str(write_jsonl(tmp_path / "train.json", rows)), AFQMC, require_label=True)
-
-    assert [(e.sentence1, e.sentence2) for e in examples] == [(r["sentence1"], r["sentence2"]) for r in rows]
-    assert [e.label for e in examples] == [1, 0, 1]
-    assert [e.raw for e in examples] == rows  # the whole JSON object, unknown keys included
-
-
-def test_label_ids_follow_label_list_order(tmp_path):
-    path = str(write_jsonl(tmp_path / "train.json", ROWS))
-    reversed_schema = PairSchema(label_list=("1", "0"))
-
-    assert [e.label for e in read_pairs(path, reversed_schema, require_label=True)] == [0, 1, 0]
-    assert reversed_schema.label2id == {"1": 0, "0": 1}
-
-
-def test_limit_keeps_the_first_examples(tmp_path):
-    path = str(write_jsonl(tmp_path / "train.json", ROWS))
-
-    assert [e.raw for e in read_pairs(path, AFQMC, require_label=True, limit=2)] == ROWS[:2]
-
-
-def test_utf8_bom_at_file_start_is_ignored(tmp_path):
-    path = write_lines(tmp_path / "bom.json", [line(**row) for row in ROWS])
-    Path(path).write_bytes(b"\xef\xbb\xbf" + Path(path).read_bytes())
-
-    examples = read_pairs(path, AFQMC, require_label=True)
-
-    assert [e.raw for e in examples] == ROWS
-    assert examples[0].sentence1 == "花呗如何还款"
-
-
-def test_crlf_line_ends_are_accepted(tmp_path):
-    path = write_lines(tmp_path / "crlf.json", [line(**row) for row in ROWS], end=b"\r\n")
-
-    examples = read_pairs(path, AFQMC, require_label=True)
-
-    assert [e.raw for e in examples] == ROWS
-    assert not any(e.sentence2.endswith("\r") for e in examples)
-
-
-def test_crlf_file_reports_the_right_line_number(tmp_path):
-    path = write_lines(tmp_path / "crlf.json", [GOOD, GOOD, b"{broken", GOOD], end=b"\r\n")
-
-    assert user_error(path).startswith(f"{path}:3: ")
-
-
-def test_trailing_blank_lines_are_ignored(tmp_path):
-    path = write_lines(tmp_path / "trailing.json", [line(**row) for row in ROWS] + [b"", b"   ", b"\t", b""])
-
-    assert [e.raw for e in read_pairs(path, AFQMC, require_label=True)] == ROWS
-
-
-# --- bad input: one line, FILE:LINE: what is wrong ----------------------------------------------------------
-
-BAD_LINES = {
-    "not JSON": (b'{"sentence1": "a", "sentence2": ', "not valid JSON"),
-    "JSON array, not an object": (b'["a", "b", "1"]', "expected a JSON object, got list"),
-    "JSON string, not an object": (b'"a b 1"', "expected a JSON object, got str"),
-    "missing sentence1": (line(sentence2="花呗", label="1"), "missing key 'sentence1'"),
-    "missing sentence2": (line(sentence1="花呗", label="1"), "missing key 'sentence2'"),
-    "missing label": (line(sentence1="花呗", sentence2="借呗"), "missing key 'label'"),
-    "empty sentence": (line(sentence1="", sentence2="借呗", label="1"), "'sentence1' is empty"),
-    "whitespace-only sentence": (line(sentence1="花呗", sentence2=" \t\u3000 ", label="1"), "'sentence2' is empty"),
-    "number as sentence": (line(sentence1="花呗", sentence2=123, label="1"), "'sentence2' must be a string, got int"),
-    "null as sentence": (line(sentence1=None, sentence2="借呗", label="1"), "'sentence1' must be a string"),
-    "label outside the label set": (line(sentence1="花呗", sentence2="借呗", label="2"), "label '2' is not one of"),
-    "boolean label": (line(sentence1="花呗", sentence2="借呗", label=True), "label True is not one of"),
-    "invalid UTF-8": (b'{"sentence1": "\xe8\x8a", "sentence2": "b", "label": "1"}', "not valid UTF-8"),
-}
-
-
-@pytest.mark.parametrize("bad, message", BAD_LINES.values(), ids=BAD_LINES.keys())
-def test_bad_line_is_a_one_line_error_naming_file_and_line(tmp_path, bad, message):
-    path = write_lines(tmp_path / "train.json", [GOOD, GOOD, bad, GOOD])
-
-    error = user_error(path)
-
-    assert "\n" not in error
-    assert error.startswith(f"{path}:3: ")
-    assert message in error
-
-
-def test_label_error_lists_the_allowed_labels(tmp_path):
-    path = write_lines(tmp_path / "train.json", [line(sentence1="花呗", sentence2="借呗", label="yes")])
-
-    assert user_error(path) == f"{path}:1: label 'yes' is not one of '0', '1' (see --label_list)"
-
-
-def test_blank_line_followed_by_more_data_is_an_error_at_the_blank_line(tmp_path):
-    path = write_lines(tmp_path / "train.json", [GOOD, GOOD, b"", b"  ", GOOD])
-
-    error = user_error(path)
-
-    assert "\n" not in error
-    assert error.startswith(f"{path}:3: ")
-    assert "empty line" in error
-
-
-@pytest.mark.parametrize("content", [b"", b"\n\n  \n", b"\xef\xbb\xbf"], ids=["empty", "blank lines", "only a BOM"])
-def test_file_without_examples_is_an_error(tmp_path, content):
-    path = write_bytes(tmp_path / "train.json", content)
-
-    assert user_error(path) == f"{path}: no examples in file"
-
-
-def test_first_bad_line_is_reported(tmp_path):
-    path = write_lines(tmp_path / "train.json", [GOOD, b"[1]", b"{oops"])
-
-    assert user_error(path).startswith(f"{path}:2: ")
-
-
-# --- unlabelled files and other datasets --------------------------------------------------------------------
-
-
-def test_unlabelled_test_file_reads_without_labels_and_keeps_ids(tmp_path):
-    rows = [{"id": i, "sentence1": r["sentence1"], "sentence2": r["sentence2"]} for i, r in enumerate(ROWS)]
-    path = str(write_jsonl(tmp_path / "test.json", rows))
-
-    examples = read_pairs(path, AFQMC, require_label=False)
-
-    assert [e.label for e in examples] == [None, None, None]
-    assert [e.raw["id"] for e in examples] == [0, 1, 2]
-    assert user_error(path).startswith(f"{path}:1: missing key 'label'")  # but it is no training file
-
-
-def test_unlabelled_reading_ignores_labels_outside_the_label_set(tmp_path):
-    path = write_lines(tmp_path / "test.json", [line(id=0, sentence1="花呗", sentence2="借呗", label="")])
-
-    assert read_pairs(path, AFQMC, require_label=False)[0].label is None
-
-
-LCQMC = PairSchema(sentence1_key="text_a", sentence2_key="text_b", label_key="y", label_list=("0", "1"))
-
-
-def test_lcqmc_like_keys_and_integer_labels_work_with_a_custom_schema(tmp_path):
-    rows = [{"text_a": "喜欢打篮球的男生", "text_b": "爱打篮球的男生", "y": 1},
-            {"text_a": "我手机丢了", "text_b": "我想换个手机", "y": 0}]
-    path = str(write_jsonl(tmp_path / "lcqmc.json", rows))
-
-    examples = read_pairs(path, LCQMC, require_label=True)
-
-    assert [(e.sentence1, e.sentence2, e.label) for e in examples] == [
-        ("喜欢打篮球的男生", "爱打篮球的男生", 1), ("我手机丢了", "我想换个手机", 0)]
-    assert user_error(path, AFQMC).startswith(f"{path}:1: missing key 'sentence1'")
-
-
-def test_custom_schema_errors_name_the_custom_keys(tmp_path):
-    path = write_lines(tmp_path / "lcqmc.json", [line(text_a="a", text_b="b", y=1), line(text_a="a", text_b="b")])
-
-    assert user_error(path, LCQMC) == f"{path}:2: missing key 'y'"
 
 
 # --- collation with a real tokenizer ------------------------------------------------------------------------
-
-VOCAB_CHARS = sorted(set("".join(r["sentence1"] + r["sentence2"] for r in ROWS) + "的了是"))
-
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
@@ -309,20 +125,6 @@ def test_unlabelled_batch_has_no_labels(tokenizer):
 
     assert "labels" not in batch
     assert batch["index"].tolist() == [1, 0]
-
-
-def test_tokenised_files_are_cached_by_text_tokenizer_and_max_length(tokenizer, tmp_path):
-    examples = [PairExample("花呗如何还款", "借呗", 1, {}), PairExample("还款", "还钱", 0, {})]
-    first = cached_encode_pairs(tokenizer, examples, 64, str(tmp_path))
-    (cache_file,) = tmp_path.iterdir()
-    again = cached_encode_pairs(tokenizer, examples, 64, str(tmp_path))
-
-    assert list(tmp_path.iterdir()) == [cache_file]  # read back, not written again
-    assert all(torch.equal(getattr(first, f), getattr(again, f)) for f in ("input_ids", "token_type_ids", "offsets"))
-    cached_encode_pairs(tokenizer, examples, 8, str(tmp_path))
-    cached_encode_pairs(tokenizer, examples[:1], 64, str(tmp_path))
-    assert len(list(tmp_path.iterdir())) == 3  # another max length, other text: other entries
-    assert cached_encode_pairs(tokenizer, examples, 8, str(tmp_path)).lengths == [8, 7]
 
 
 # --- streaming ----------------------------------------------------------------------------------------------
@@ -435,6 +237,75 @@ def test_two_process_shards_split_each_global_batch_and_top_up_the_last_with_wei
     missing = -num_examples % (2 * per_device)
     assert [item["weight"] for item in merged] == [1.0] * num_examples + [0.0] * missing
     assert {item["index"] for item in merged[num_examples:]} <= set(real)
+
+
+def loader_batches(dataset, workers: int, batch_size: int) -> list[tuple]:
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=PairCollator(0))
+    return [(b["index"].tolist(), b["weight"].tolist(), b["input_ids"].tolist()) for b in loader]
+
+
+@pytest.mark.parametrize("num_examples", [25, 24])
+def test_stream_workers_give_the_batches_one_reader_gives_in_the_same_order(tmp_path, num_examples):
+    """DataLoader workers take turns batch by batch: each keeps only its batches of the stream, so 2 workers yield
+    every pair once (with the weight-0 top-up at the end), exactly as without workers. Also under accelerate's
+    per-process slicing of each micro-batch of 2 x 3 pairs (what `prepare` builds on 2 processes)."""
+    path = str(write_jsonl(tmp_path / "train.json", numbered_rows(num_examples)))
+    dataset = stream(path, seed=5, buffer_size=4)
+    dataset.pad_to = dataset.batch_size = 6
+    dataset.set_epoch(1)
+
+    alone = loader_batches(dataset, 0, 6)
+    assert loader_batches(dataset, 2, 6) == alone
+    weights = [w for _, batch_weights, _ in alone for w in batch_weights]
+    assert weights == [1.0] * num_examples + [0.0] * (-num_examples % 6)
+    indices = [i for batch_indices, _, _ in alone for i in batch_indices]
+    assert sorted(indices[:num_examples]) == list(range(num_examples))
+    for rank in (0, 1):
+        shard = IterableDatasetShard(dataset, batch_size=6, num_processes=2, process_index=rank, split_batches=True)
+        assert loader_batches(shard, 2, 3) == loader_batches(shard, 0, 3)
+
+
+@pytest.fixture
+def accelerator(fresh_accelerate_state):
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)
+
+
+def test_stream_workers_follow_set_epoch_through_the_training_loader(tmp_path, accelerator):
+    """Persistent workers would keep the dataset copy of the first epoch (and its order) for every epoch."""
+    path = str(write_jsonl(tmp_path / "train.json", numbered_rows(20)))
+    cfg = RunConfig(streaming=True, dataloader_num_workers=2, batch_size=4, shuffle_buffer_size=8, seed=3)
+    dataset = StreamingPairDataset(path, AFQMC, seed=3, buffer_size=8)
+    dataset.encode(STREAM_TOKENIZER, max_length=32)
+    loader = accelerator.prepare(make_train_dataloader(dataset, cfg, cfg.batch_plan(1), STREAM_TOKENIZER,
+                                                       accelerator))
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        seen = [i for batch in loader for i in batch["index"].tolist()]
+        assert seen == epoch_order(path, seed=3, epoch=epoch)
+
+
+def test_map_style_workers_persist_across_epochs(tmp_path, accelerator, tokenizer):
+    cfg = RunConfig(dataloader_num_workers=1, batch_size=2)
+    dataset = encoded(tokenizer, ("花呗", "借呗"), ("还款", "还钱"), labels=[1, 0])
+
+    assert make_train_dataloader(dataset, cfg, cfg.batch_plan(1), tokenizer, accelerator).persistent_workers
+
+
+def test_pad_to_multiple_of_never_pads_beyond_max_seq_length(tokenizer, accelerator):
+    """130 tokens rounded up to a multiple of 8 would be 136: more positions than the run checked the model has."""
+    cfg = RunConfig(max_seq_length=130, pad_to_multiple_of=8, eval_batch_size=4)
+    long_pair = ("花呗如何还款" * 30, "为什么不能开通花呗" * 30)
+    plan = cfg.batch_plan(1)
+
+    (long_batch,) = make_eval_dataloader(encoded(tokenizer, long_pair, ("花呗", "借呗"), max_length=130), cfg, plan,
+                                         tokenizer, accelerator)
+    (short_batch,) = make_eval_dataloader(encoded(tokenizer, ("花呗", "借呗"), max_length=130), cfg, plan, tokenizer,
+                                          accelerator)
+
+    assert long_batch["input_ids"].shape == (2, 130)
+    assert short_batch["input_ids"].shape == (1, 8)  # 7 tokens, rounded up as asked
 
 
 # --- the real bert-base-chinese vocabulary (needs ../shared) ------------------------------------------------

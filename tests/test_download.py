@@ -7,9 +7,13 @@ Success needs the official files (their checksums are hard-coded in the module),
 from __future__ import annotations
 
 import filecmp
+import http.server
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -165,3 +169,69 @@ def test_real_files_at_top_level_with_force_into_existing_dir(tmp_path, capsys):
     assert (out / "notes.txt").read_text() == "mine\n"
     assert all(filecmp.cmp(out / n, REAL_AFQMC / n, shallow=False) for n in NAMES)
     assert sorted(os.listdir(tmp_path)) == ["afqmc", "src"]
+
+
+def test_an_encrypted_member_is_one_line(tmp_path, capsys):
+    zip_path = tmp_path / "src" / "afqmc_public.zip"
+    url = make_zip(zip_path, fake_files())
+    data = bytearray(zip_path.read_bytes())
+    entry = data.find(b"PK\x01\x02")  # the first central-directory entry: mark its member as encrypted
+    data[entry + 8] |= 0x1
+    zip_path.write_bytes(bytes(data))
+
+    line = run_failing(["--url", url], tmp_path / "dest", capsys)
+
+    assert line.startswith("error: train.json in ") and "cannot be unpacked: " in line and "encrypted" in line
+
+
+def test_a_bad_flag_is_one_line(capsys):
+    assert main(["--ouput_dir", "x"]) == 2
+    assert error_line(capsys) == "error: unrecognized arguments: --ouput_dir x (see --help)"
+
+
+class TrickleHandler(http.server.BaseHTTPRequestHandler):
+    """Announces a large zip and sends it one byte at a time: a download that is still running when stopped."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(1 << 20))
+        self.end_headers()
+        try:
+            while True:
+                self.wfile.write(b"P")
+                self.wfile.flush()
+                time.sleep(0.05)
+        except OSError:
+            pass  # the client went away
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def trickling_url():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), TrickleHandler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/afqmc_public.zip"
+    server.shutdown()
+    server.server_close()
+
+
+def test_ctrl_c_during_the_download_is_one_line_exit_130_and_leaves_nothing(tmp_path, trickling_url):
+    dest = tmp_path / "dest"
+    run = subprocess.Popen([sys.executable, "-m", "afqmc_dist.download", "--url", trickling_url,
+                            "--output_dir", str(dest / "data" / "afqmc")], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(dest.glob("data/.afqmc.download-*/afqmc_public.zip")):  # the download is under way
+        assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+        time.sleep(0.1)
+    run.send_signal(signal.SIGINT)
+    stdout, stderr = run.communicate(timeout=60)
+
+    assert run.returncode == 130, stderr
+    assert stderr.startswith("error: interrupted") and stderr.count("\n") == 1, stderr
+    assert stdout == ""
+    assert not dest.exists() or os.listdir(dest) == [], "temporary folder and created folders removed"

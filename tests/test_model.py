@@ -1,17 +1,21 @@
-"""Model heads and loading: the tutorial's [CLS] head round-trips exactly; config-less BERTs load with --model_type."""
+"""Model heads and loading: the tutorial's [CLS] head round-trips exactly; config-less BERTs load with --model_type;
+a folder that cannot be used is one line saying what is wrong with it; loading prints our lines, not the library's."""
 
 import json
+import os
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import predict_rows, read_jsonl, run_tool, train_args
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import BertForSequenceClassification
 
 from afqmc_dist.config import RunConfig
 from afqmc_dist.errors import UserError
-from afqmc_dist.model import BertClsPairClassifier, build_model_and_tokenizer, load_trained_model
+from afqmc_dist.model import BertClsPairClassifier, build_model_and_tokenizer, load_trained_config, load_trained_model
 
 
 def test_cls_head_saves_and_reloads_exactly_through_the_projects_loader(tiny_model, synthetic_data, tmp_path):
@@ -61,9 +65,144 @@ def test_model_type_bert_loads_the_encoder_weights_with_bert_classes(config_with
     assert tokenizer("花", "还")["input_ids"][0] == tokenizer.cls_token_id
 
 
-def test_missing_checkpoint_is_one_clear_error(tmp_path):
-    with pytest.raises(UserError, match=r"--model_checkpoint .*nowhere: cannot load"):
-        build_model_and_tokenizer(RunConfig(model_checkpoint=str(tmp_path / "nowhere")))
+@pytest.mark.parametrize("name", ["./models/nope", "models/../nope", "{tmp}/nope"])
+def test_a_missing_local_folder_is_said_to_be_missing(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    path = name.format(tmp=tmp_path)
+    with pytest.raises(UserError) as info:
+        build_model_and_tokenizer(RunConfig(model_checkpoint=path))
+    assert str(info.value) == f"--model_checkpoint {path}: no such folder"
+
+
+def test_a_name_that_can_be_a_hub_model_still_goes_to_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no such local folder; HF_HUB_OFFLINE=1 (conftest): the hub cannot answer
+    with pytest.raises(UserError, match=r"^--model_checkpoint bert-base-chinese: no such folder, and no model of "
+                                        r"that name could be loaded from the hub \(.+\)$"):
+        build_model_and_tokenizer(RunConfig(model_checkpoint="bert-base-chinese"))
+
+
+def copy_of(model: Path, folder: Path, damage: str) -> Path:
+    """A copy of the model folder `model`, damaged in one way."""
+    shutil.copytree(model, folder)
+    weights = folder / "model.safetensors"
+    if damage == "random weights":
+        weights.write_bytes(os.urandom(weights.stat().st_size))
+    elif damage == "weights cut short":
+        weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    elif damage == "no weights":
+        weights.unlink()
+    elif damage == "no config.json":
+        (folder / "config.json").unlink()
+    elif damage == "hidden_size 'abc'":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "hidden_size": "abc"}))
+    elif damage == "empty":
+        shutil.rmtree(folder)
+        folder.mkdir()
+    return folder
+
+
+BAD_FOLDERS = {
+    "random weights": "model.safetensors is damaged or incomplete (Error while deserializing header",
+    "weights cut short": "model.safetensors is damaged or incomplete (Error while deserializing header: incomplete "
+                         "metadata, file not fully covered",
+    "no weights": "no weights in the folder (model.safetensors or pytorch_model.bin)",
+    "no config.json": "no config.json in the folder (it holds model.safetensors, tokenizer.json, "
+                      "tokenizer_config.json): not a Hugging Face model folder",
+    "hidden_size 'abc'": "cannot load (Validation error for field 'hidden_size': TypeError: Field 'hidden_size' "
+                         "expected int, got str (value: 'abc'))",
+    "empty": "the folder is empty (no config.json, no weights)",
+}
+
+
+@pytest.mark.parametrize("damage, message", BAD_FOLDERS.items(), ids=BAD_FOLDERS.keys())
+def test_a_bad_checkpoint_folder_is_one_line_saying_what_is_wrong(tiny_model, tmp_path, damage, message):
+    folder = copy_of(tiny_model, tmp_path / "model", damage)
+    with pytest.raises(UserError) as info:
+        build_model_and_tokenizer(RunConfig(model_checkpoint=str(folder)))
+    assert str(info.value).startswith(f"--model_checkpoint {folder}: {message}"), str(info.value)
+    assert "\n" not in str(info.value) and "--model_type" not in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def trained_folder(tiny_model, tmp_path_factory) -> Path:
+    """A folder as OUTPUT_DIR/best holds one: a sequence classifier with every weight, and its tokenizer."""
+    folder = tmp_path_factory.mktemp("best") / "best"
+    model, tokenizer = build_model_and_tokenizer(RunConfig(model_checkpoint=str(tiny_model)))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_trained_folder_loads_back_with_every_weight(trained_folder, capfd):
+    model, _ = load_trained_model(str(trained_folder))
+    saved = load_file(trained_folder / "model.safetensors")
+    assert all(torch.equal(model.state_dict()[name], saved[name]) for name in saved)
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+
+@pytest.mark.parametrize("damage", ["random weights", "weights cut short", "hidden_size 'abc'"])
+def test_a_damaged_trained_folder_is_refused_when_its_config_is_read(trained_folder, tmp_path, damage):
+    """`load_trained_config` is what a run checks before it writes anything: the damage must show there."""
+    folder = copy_of(trained_folder, tmp_path / "best", damage)
+    with pytest.raises(UserError, match=f"^{re.escape(str(folder))}: cannot load the trained model"):
+        load_trained_config(str(folder))
+
+
+def test_a_base_checkpoint_is_no_trained_model(tiny_model):
+    with pytest.raises(UserError) as info:
+        load_trained_model(str(tiny_model))
+    assert str(info.value) == (f"{tiny_model}: no trained classification head: classifier.bias, classifier.weight not "
+                               "in its weights (a base checkpoint, not a model fine-tuned by this tool: train one "
+                               "with --do_train)")
+
+
+# --- what loading says --------------------------------------------------------------------------------------
+
+HEAD_LINE = "classifier head initialised from scratch, as expected when fine-tuning a base checkpoint\n"
+
+
+@pytest.mark.parametrize("head", ["seq", "cls"])
+def test_a_new_classifier_is_one_line_of_ours_not_the_librarys_load_report(tiny_model, capfd, head):
+    build_model_and_tokenizer(RunConfig(model_checkpoint=str(tiny_model), head=head))
+    captured = capfd.readouterr()
+    assert captured.out == HEAD_LINE
+    assert captured.err == "", "no LOAD REPORT table, no progress bar"
+
+
+def test_the_line_is_printed_by_rank_0_only(tiny_model, capfd, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    build_model_and_tokenizer(RunConfig(model_checkpoint=str(tiny_model)))
+    assert capfd.readouterr().out == ""
+
+
+def test_weights_the_model_does_not_use_are_still_shown_in_full(tiny_model, tmp_path, capfd):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    weights = load_file(folder / "model.safetensors")
+    extra = {"adapter.dense.weight": torch.zeros(2, 2), "adapter.dense.bias": torch.zeros(2)}
+    save_file({**weights, **extra}, folder / "model.safetensors", metadata={"format": "pt"})
+
+    build_model_and_tokenizer(RunConfig(model_checkpoint=str(folder)))
+
+    captured = capfd.readouterr()
+    assert captured.out == HEAD_LINE
+    assert captured.err == (f"warning: --model_checkpoint {folder}: 2 weights of the checkpoint are not used by the "
+                            "model (they do not belong to it: is it the right checkpoint?):\n"
+                            "    adapter.dense.bias\n    adapter.dense.weight\n")
+
+
+def test_weights_of_another_shape_than_the_config_says_are_named(tiny_model, tmp_path):
+    """Not taken for a classifier with another number of labels: the encoder's own weights differ."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+    with pytest.raises(UserError, match=r": 6 weights have other shapes than its config.json says: "
+                                        r"bert\.encoder\.layer\.0\.intermediate\.dense\.bias \(checkpoint \[256\], "
+                                        r"model \[96\]\), .* and 3 more$"):
+        build_model_and_tokenizer(RunConfig(model_checkpoint=str(folder)))
 
 
 def test_a_checkpoint_without_tokenizer_files_is_refused(tiny_model, tmp_path):
