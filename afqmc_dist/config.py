@@ -142,7 +142,8 @@ class RunConfig:
     report_to: list[str] = _arg(
         ["none"], "Experiment trackers: none, or any of wandb, tensorboard, mlflow (space- or comma-separated), or "
                   "all. wandb honours WANDB_MODE=offline; tensorboard writes OUTPUT_DIR/tensorboard; mlflow "
-                  "logs to MLFLOW_TRACKING_URI (default OUTPUT_DIR/mlruns).")
+                  "logs to MLFLOW_TRACKING_URI (default sqlite:///OUTPUT_DIR/mlflow.db, artifacts in "
+                  "OUTPUT_DIR/mlruns).")
     wandb_project: str = _arg("afqmc-dist", "W&B project name.")
     wandb_entity: str | None = _arg(None, "W&B entity (user or team); default: your W&B default.")
     wandb_group: str | None = _arg(None, "W&B group, e.g. to put the runs of a sweep together.")

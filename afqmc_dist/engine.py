@@ -21,14 +21,14 @@ from .errors import UserError
 
 def make_accelerator(cfg) -> tuple[Accelerator, dict]:
     """The Accelerator for this run (precision from --mixed_precision, else the launcher/config), checked, and
-    what the run records of it in run_config.json (precision, TF32)."""
+    what the run records of it in run_config.json (precision, TF32). The trackers are started by tracking.py,
+    each with its own folder (accelerate's `log_with` would need one logging folder for all)."""
     on_gpu = torch.cuda.is_available() and not cfg.cpu
     try:
         accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision,
             cpu=cfg.cpu,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            log_with=cfg.trackers or None,
             # split_batches: a DataLoader batch holds the pairs of every process (one micro-batch of a global
             # batch) and each process takes its slice, so the global batches are the same on any number of
             # processes (sampling.py). No dispatching: with --streaming every process reads the file and keeps

@@ -43,8 +43,8 @@ RUN_CONFIG = "run_config.json"
 PHASE_CONFIGS = {"train": RUN_CONFIG, "test": "test_config.json", "predict": "predict_config.json"}
 PREVIOUS_RUN = ".previous-run"
 # What a training run owns in OUTPUT_DIR: set aside by --overwrite_output_dir (other files are left alone).
-RUN_FILES = (RESULTS, METRICS, TEST_RESULTS, PREDICTIONS, *PHASE_CONFIGS.values(), "error.log")
-RUN_DIRS = (BEST_DIR, "checkpoints", "tensorboard")
+RUN_FILES = (RESULTS, METRICS, TEST_RESULTS, PREDICTIONS, *PHASE_CONFIGS.values(), "error.log", "mlflow.db")
+RUN_DIRS = (BEST_DIR, "checkpoints", "tensorboard", "mlruns")
 
 
 def clue_file_name(task_name: str) -> str:

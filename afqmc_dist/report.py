@@ -2,6 +2,9 @@
 
     python -m afqmc_dist.report outputs/afqmc                        # -> outputs/afqmc/report.{md,png}
     python -m afqmc_dist.report outputs/lr1e-5 outputs/lr2e-5 --output_dir outputs/compare
+    python -m afqmc_dist.report outputs/sweep        # a sweep folder -> sweep.md, sweep.png, best_config.yaml
+
+A sweep folder (one with sweep.json, written by `python -m afqmc_dist.sweep`) is reported by sweep_report.py.
 
 Each OUTPUT_DIR is a training run's folder: metrics.jsonl and results.json (run_config.json and test_results.json
 when present). report.png plots training loss, learning rate, dev accuracy and dev F1 over optimizer steps, one
@@ -24,6 +27,7 @@ from .errors import UserError
 from .outputs import METRICS, RESULTS, RUN_CONFIG, TEST_RESULTS, atomic_open
 
 REPORT_MD, REPORT_PNG = "report.md", "report.png"
+SWEEP_MARKER = "sweep.json"  # sweep_study.SWEEP_JSON
 PANELS = (("train/loss", "training loss"), ("train/learning_rate", "learning rate"),
           ("dev/accuracy", "dev accuracy"), ("dev/f1", "dev F1"))
 # Left out of the settings comparison: they differ between any two runs without saying anything about them.
@@ -173,8 +177,17 @@ def render_markdown(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
-def render_png(runs: list[Run], path: str) -> None:
-    """Draw the curves of every run into `path` (PNG, through a temporary file). Needs matplotlib."""
+def majority_accuracy(run: Run) -> float | None:
+    """The dev accuracy of always answering the most frequent label (from the best evaluation's confusion matrix:
+    rows are true labels), the bar a model must clear on an unbalanced set such as AFQMC's (69% "0")."""
+    best = best_evaluation(run)
+    matrix = (best or {}).get("dev/confusion_matrix")
+    total = sum(map(sum, matrix)) if matrix else 0
+    return max(map(sum, matrix)) / total if total else None
+
+
+def draw(runs: list[Run]):
+    """The report's figure (a matplotlib Figure on the Agg canvas). UserError without matplotlib."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -184,6 +197,8 @@ def render_png(runs: list[Run], path: str) -> None:
     # A bare Figure on the Agg canvas: no pyplot, so no display and no global state touched.
     fig = Figure(figsize=(11, 7.5), layout="constrained")
     FigureCanvasAgg(fig)
+    names = ", ".join(run.name for run in runs)
+    fig.suptitle(f"training report: {names if len(names) <= 80 else f'{len(runs)} runs'}", fontsize=13)
     axes = fig.subplots(2, 2).flatten()
     for ax, (key, title) in zip(axes, PANELS):
         ax.set(title=title, xlabel="step")
@@ -196,11 +211,28 @@ def render_png(runs: list[Run], path: str) -> None:
             best = best_evaluation(run)
             if key.startswith("dev/") and best is not None and key in best:  # the evaluation that best/ holds
                 ax.plot(best["step"], best[key], "*", color=f"C{i % 10}", markersize=12)
+        if key == "train/learning_rate":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))  # 2e-5, not 0.00002
+    baselines = sorted({b for b in map(majority_accuracy, runs) if b is not None})
+    accuracy_axis = axes[[key for key, _ in PANELS].index("dev/accuracy")]
+    for value in baselines:
+        accuracy_axis.axhline(value, color="grey", linestyle="--", linewidth=1,
+                              label=f"majority guess ({value:.3f})")
+        accuracy_axis.annotate(f"majority guess {value:.3f}", (0, value), xycoords=("axes fraction", "data"),
+                               xytext=(4, 3), textcoords="offset points", color="grey", fontsize=8)
     # One legend for the figure, built from the runs (a run may lack points in any one panel).
     handles = [Line2D([], [], color=f"C{i % 10}", label=run.name) for i, run in enumerate(runs)]
     handles.append(Line2D([], [], color="grey", marker="*", markersize=12, linestyle="none",
                           label="best evaluation (best/)"))
+    if baselines:
+        handles.append(Line2D([], [], color="grey", linestyle="--", label="majority-label guess"))
     fig.legend(handles=handles, loc="outside upper center", ncols=min(len(handles), 5))
+    return fig
+
+
+def render_png(runs: list[Run], path: str) -> None:
+    """Draw the curves of every run into `path` (PNG, through a temporary file). Needs matplotlib."""
+    fig = draw(runs)
     tmp = f"{path}.tmp"
     try:
         fig.savefig(tmp, format="png", dpi=DPI)
@@ -241,12 +273,25 @@ def main(argv: list[str] | None = None) -> int:
     """Run the report; return the exit status (0 written, 2 for an error, printed as one line)."""
     parser = argparse.ArgumentParser(prog="python -m afqmc_dist.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", metavar="OUTPUT_DIR", help="a training run's --output_dir")
-    parser.add_argument("--output_dir", help="where report.md and report.png go (default: the run's folder for "
-                                             "one run, else the current directory)")
+    parser.add_argument("runs", nargs="+", metavar="OUTPUT_DIR",
+                        help="a training run's --output_dir, or one sweep folder (see sweep.py)")
+    parser.add_argument("--output_dir", help="where the report goes (default: the run's or sweep's folder for "
+                                             "one, else the current directory)")
+    parser.add_argument("--storage", help="a sweep's study storage URL, if not the one in SWEEP_DIR/sweep.json "
+                                          "(e.g. with its password)")
     args = parser.parse_args(argv)
     try:
-        report(args.runs, args.output_dir)
+        sweeps = [folder for folder in args.runs if os.path.isfile(os.path.join(folder, SWEEP_MARKER))]
+        if sweeps and len(args.runs) > 1:
+            raise UserError(f"{sweeps[0]} is a sweep folder: report it on its own")
+        if sweeps:
+            from .sweep_report import report as sweep_report  # Optuna and the sweep code: only for a sweep
+
+            sweep_report(sweeps[0], args.output_dir, args.storage)
+        elif args.storage:
+            raise UserError("--storage is for a sweep folder (one with sweep.json)")
+        else:
+            report(args.runs, args.output_dir)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,20 +1,37 @@
-"""Where metrics go: OUTPUT_DIR/metrics.jsonl always, and Weights & Biases through accelerate's trackers.
+"""Where metrics go: OUTPUT_DIR/metrics.jsonl always, and the trackers of --report_to (W&B, TensorBoard, MLflow)
+through accelerate's tracker classes.
 
-Every `Tracker.log` call is one metrics.jsonl line holding exactly what goes to W&B, under the same names:
+Every `Tracker.log` call is one metrics.jsonl line holding exactly the numbers that go to every tracker, under the
+same names and at the same step:
 
     {"step": 40, "epoch": 2, "train/loss": 0.41, "train/learning_rate": 8e-06, "train/grad_norm": 3.2, ...}
     {"step": 64, "epoch": 2, "dev/accuracy": 0.74, "dev/f1": 0.55, ..., "dev/confusion_matrix": [[..], [..]]}
 
-W&B is only touched when `--report_to wandb` is given. It runs on the main process only (accelerate's
-`init_trackers`/`log` are no-ops elsewhere), so a multi-process run makes one W&B run. With
-`WANDB_MODE=offline` it needs no network or login; the run folder goes to OUTPUT_DIR/wandb unless WANDB_DIR
-says otherwise (sync it later with `wandb sync OUTPUT_DIR/wandb/offline-run-*`). If W&B cannot start (no API
-key, no network) the run says why in one line and goes on with metrics.jsonl, unless --require_tracker is set.
+A number that is not finite (a NaN loss, an infinite gradient norm) is left out of the line and of every tracker:
+metrics.jsonl is strict JSON, never `NaN` or `Infinity`.
+
+The trackers (each only when named in --report_to; `all` is the three):
+
+- wandb: a W&B run, offline with WANDB_MODE=offline (no network or login; the run folder goes to OUTPUT_DIR/wandb
+  unless WANDB_DIR says otherwise; `wandb sync` it later). The confusion matrix goes there as a table.
+- tensorboard: event files in OUTPUT_DIR/tensorboard (`tensorboard --logdir OUTPUT_DIR`; for a sweep, the sweep
+  folder compares its trials). Scalars are written in double precision, so they read back exactly as logged.
+- mlflow: a run in the tracking store of MLFLOW_TRACKING_URI, by default `sqlite:///OUTPUT_DIR/mlflow.db` with
+  artifacts in OUTPUT_DIR/mlruns (MLflow 3 refuses a plain folder as a store); the experiment is --wandb_project.
+  In a sweep trial the run is nested under the sweep's parent run ($AFQMC_MLFLOW_PARENT_RUN_ID, set by sweep.py).
+
+Each gets the run's configuration at the start (W&B config, TensorBoard hparams, MLflow params) and the final
+values of `summarize` (W&B summary; TensorBoard and MLflow: metrics at the last step). Trackers run on the main
+process only (a multi-process run makes one run per tracker); their packages are imported only when asked for.
+A tracker that cannot start (not installed, no login, a bad URI) is reported in one line and left out: the run
+goes on with metrics.jsonl and the other trackers, unless --require_tracker is set, which stops it (exit 2).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import os
 
 from accelerate.utils import broadcast_object_list
@@ -22,11 +39,34 @@ from accelerate.utils import broadcast_object_list
 from .errors import UserError, first_line
 from .outputs import BEST_DIR, METRICS
 
+TENSORBOARD_DIR, MLFLOW_DB, MLFLOW_ARTIFACTS = "tensorboard", "mlflow.db", "mlruns"
+MLFLOW_PARENT_ENV = "AFQMC_MLFLOW_PARENT_RUN_ID"
+# name: (shown as, package to import, how to get it going)
+TRACKER_INFO = {
+    "wandb": ("W&B", "wandb", "`wandb login` or WANDB_MODE=offline to use it"),
+    "tensorboard": ("TensorBoard", "tensorboard", "pip install tensorboard to use it"),
+    "mlflow": ("MLflow", "mlflow", "pip install mlflow-skinny, and check MLFLOW_TRACKING_URI, to use it"),
+}
+# TensorBoard stores scalars as float32 unless asked for doubles (new_style keeps the step and wall time too).
+TENSORBOARD_SCALARS = {"new_style": True, "double_precision": True}
+
+
+def finite_numbers(values: dict) -> dict:
+    """The entries of `values` that are finite int/float numbers (booleans excluded)."""
+    return {k: v for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def _is_loggable(value) -> bool:
+    """True for what metrics.jsonl keeps: anything but None and non-finite numbers."""
+    return value is not None and not (isinstance(value, float) and not math.isfinite(value))
+
 
 class Tracker:
     """Logs training and evaluation records. Construct and call on EVERY rank; only the main process writes.
 
-    `resume_id`: the W&B run id of the run being resumed, so that its charts continue instead of starting over.
+    `resume_id`: the W&B run id of the run being resumed, so that its charts continue instead of starting over
+    (TensorBoard appends to the same folder; MLflow starts a new run, tagged with the same output folder).
     """
 
     def __init__(self, accelerator, cfg, run_info: dict, resume_id: str | None = None):
@@ -34,77 +74,170 @@ class Tracker:
         self.metrics_path = os.path.join(cfg.output_dir, METRICS)
         self.label_list = list(cfg.label_list)
         self.last_step = 0
-        self.use_wandb = "wandb" in cfg.trackers and self._start_wandb(cfg, run_info, resume_id)
-
-    def _start_wandb(self, cfg, run_info: dict, resume_id: str | None) -> bool:
-        """Start the W&B run on the main process; True if it started (the same answer on every rank)."""
-        wandb_kwargs = {"name": cfg.run_name, "entity": cfg.wandb_entity, "group": cfg.wandb_group,
-                        "tags": cfg.wandb_tags or None}
-        if resume_id:
-            wandb_kwargs.update(id=resume_id, resume="allow")
-        if not os.environ.get("WANDB_DIR"):
-            wandb_kwargs["dir"] = cfg.output_dir
-        failure = None
-        if self.accelerator.is_main_process:
-            try:
-                self.accelerator.init_trackers(cfg.wandb_project, config={**cfg.to_dict(), **run_info},
-                                               init_kwargs={"wandb": wandb_kwargs})
-            except Exception as e:  # noqa: BLE001 - wandb raises many types (UsageError, CommError, ...)
-                failure = f"{type(e).__name__}: {first_line(e)}"
-                self.accelerator.trackers = []  # the half-started tracker must not be logged to or finished
+        self.trackers: dict = {}  # name -> started accelerate tracker (main process only)
+        failures = {}
+        if accelerator.is_main_process:
+            config = {**cfg.to_dict(), **run_info}
+            for name in cfg.trackers:
+                try:
+                    tracker = self._start(name, cfg, config, resume_id)
+                except Exception as e:  # noqa: BLE001 - trackers raise many types (UsageError, MlflowException, ...)
+                    failures[name] = f"{type(e).__name__}: {first_line(e)}"
+                else:
+                    self.trackers[name] = tracker
+                    accelerator.trackers.append(tracker)  # so that accelerator.end_training() finishes it
         # Only the main process tried: tell every rank, so that all take the same branch (and stop together).
-        failure = broadcast_object_list([failure])[0]
-        if failure and cfg.require_tracker:
-            raise UserError(f"--report_to wandb: W&B did not start ({failure}); log in with `wandb login`, "
+        failures, started = broadcast_object_list([failures, sorted(self.trackers)])
+        self.started = set(started)
+        if failures and cfg.require_tracker:
+            self.finish_trackers()
+            name, failure = next(iter(failures.items()))
+            shown, _, hint = TRACKER_INFO[name]
+            raise UserError(f"--report_to {name}: {shown} did not start ({failure}); {hint.replace(' to use it', '')}"
+                            if name != "wandb" else
+                            f"--report_to wandb: W&B did not start ({failure}); log in with `wandb login`, "
                             "or set WANDB_MODE=offline")
-        if failure:
-            self.accelerator.print(f"W&B is off: it did not start ({failure}); metrics go to {METRICS} only "
-                                   "(`wandb login` or WANDB_MODE=offline to use it, --require_tracker to stop)")
-        return not failure
+        others = ", ".join([METRICS, *(TRACKER_INFO[n][0] for n in cfg.trackers if n in self.started)])
+        for name, failure in failures.items():
+            shown, _, hint = TRACKER_INFO[name]
+            where = f"{METRICS} only" if others == METRICS else others
+            self.accelerator.print(f"{shown} is off: it did not start ({failure}); metrics go to {where} "
+                                   f"({hint}, --require_tracker to stop)")
+
+    # --- starting each tracker (main process) ---------------------------------------------------------------
+
+    def _start(self, name: str, cfg, config: dict, resume_id: str | None):
+        package = TRACKER_INFO[name][1]
+        if importlib.util.find_spec(package) is None:
+            raise ModuleNotFoundError(f"{package} is not installed")
+        return getattr(self, f"_start_{name}")(cfg, config, resume_id)
+
+    def _start_wandb(self, cfg, config: dict, resume_id: str | None):
+        from accelerate.tracking import WandBTracker
+
+        kwargs = {"name": cfg.run_name, "entity": cfg.wandb_entity, "group": cfg.wandb_group,
+                  "tags": cfg.wandb_tags or None}
+        if resume_id:
+            kwargs.update(id=resume_id, resume="allow")
+        if not os.environ.get("WANDB_DIR"):
+            kwargs["dir"] = cfg.output_dir
+        tracker = WandBTracker(cfg.wandb_project, **kwargs)
+        tracker.start()
+        tracker.store_init_configuration(config)
+        return tracker
+
+    def _start_tensorboard(self, cfg, config: dict, resume_id: str | None):
+        from accelerate.tracking import TensorBoardTracker
+
+        # accelerate writes to logging_dir/run_name: OUTPUT_DIR/tensorboard.
+        tracker = TensorBoardTracker(TENSORBOARD_DIR, cfg.output_dir)
+        tracker.start()
+        tracker.store_init_configuration(_hparams(config))
+        return tracker
+
+    def _start_mlflow(self, cfg, config: dict, resume_id: str | None):
+        import mlflow
+        from accelerate.tracking import MLflowTracker
+
+        output_dir = os.path.abspath(cfg.output_dir)
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.join(output_dir, MLFLOW_DB)}"
+        mlflow.set_tracking_uri(uri)
+        tags = {"afqmc.output_dir": output_dir}
+        if os.environ.get(MLFLOW_PARENT_ENV):
+            tags["mlflow.parentRunId"] = os.environ[MLFLOW_PARENT_ENV]
+        # A new experiment in the default local store keeps its artifacts beside the database.
+        artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else os.path.join(output_dir, MLFLOW_ARTIFACTS)
+        tracker = MLflowTracker(cfg.wandb_project, logging_dir=artifacts, run_name=cfg.run_name, tags=tags)
+        tracker.start()
+        try:
+            tracker.store_init_configuration(config)
+        except Exception:
+            mlflow.end_run("FAILED")  # a half-started run must not stay active in this process
+            raise
+        return tracker
+
+    # --- logging --------------------------------------------------------------------------------------------
 
     @property
     def wandb_run_id(self) -> str | None:
         """The W&B run id (main process, W&B on), stored in checkpoints so a resumed run continues it."""
-        if self.use_wandb and self.accelerator.is_main_process:
-            return self.accelerator.get_tracker("wandb", unwrap=True).id
-        return None
+        tracker = self.trackers.get("wandb")
+        return tracker.run.id if tracker is not None else None
 
     def log(self, values: dict, prefix: str, step: int | None = None, epoch: int | None = None,
             summary: bool = False) -> None:
         """Record `values` as `prefix/<name>` at `step` (default: the last step logged, as W&B ignores steps that
-        go backwards): one metrics.jsonl line, and the same values to W&B; with `summary`, also into the W&B run
-        summary. Lists (the confusion matrix) go to metrics.jsonl as they are and to W&B as a table."""
+        go backwards): one metrics.jsonl line, and its numbers to every tracker; with `summary`, also as final
+        values (see `summarize`). None and non-finite numbers are left out everywhere. Lists (the confusion
+        matrix) go to metrics.jsonl as they are and to W&B as a table."""
         self.last_step = max(self.last_step, step or 0)
-        named = {f"{prefix}/{k}": v for k, v in values.items() if v is not None}
+        named = {f"{prefix}/{k}": v for k, v in values.items() if _is_loggable(v)}
         if not self.accelerator.is_main_process:
             return
         record = {"step": self.last_step, **({"epoch": epoch} if epoch is not None else {}), **named}
         with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        if self.use_wandb:
-            numbers = {k: v for k, v in named.items() if isinstance(v, (int, float))}
-            tables = {k: _wandb_table(v, self.label_list) for k, v in named.items() if k.endswith("confusion_matrix")}
-            self.accelerator.log({**numbers, **tables}, step=self.last_step)
-            if summary:
-                self.summarize(numbers)
+            f.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
+        numbers = finite_numbers(named)
+        for name, tracker in self.trackers.items():
+            if name == "wandb":
+                tables = {k: _wandb_table(v, self.label_list) for k, v in named.items()
+                          if k.endswith("confusion_matrix")}
+                tracker.log({**numbers, **tables}, step=self.last_step)
+            elif name == "tensorboard":
+                tracker.log(numbers, step=self.last_step, **TENSORBOARD_SCALARS)
+            else:
+                tracker.log(numbers, step=self.last_step)
+        if summary:
+            self.summarize(numbers)
 
     def summarize(self, values: dict) -> None:
-        """Put final values (best dev accuracy, ...) in the W&B run summary."""
-        if self.use_wandb and self.accelerator.is_main_process:
-            self.accelerator.get_tracker("wandb", unwrap=True).summary.update(values)
+        """Final values (best dev accuracy, ...): the W&B run summary, and TensorBoard/MLflow metrics at the last
+        step logged. Non-finite numbers are left out."""
+        if not self.accelerator.is_main_process:
+            return
+        numbers = finite_numbers(values)
+        for name, tracker in self.trackers.items():
+            if name == "wandb":
+                tracker.run.summary.update(numbers)
+            elif name == "tensorboard":
+                tracker.log(numbers, step=self.last_step, **TENSORBOARD_SCALARS)
+            else:
+                tracker.log(numbers, step=self.last_step)
 
     def log_model(self, output_dir: str, name: str) -> None:
         """Upload OUTPUT_DIR/best as a W&B model artifact (main process, W&B on)."""
-        if not (self.use_wandb and self.accelerator.is_main_process):
+        tracker = self.trackers.get("wandb")
+        if tracker is None:
             return
         import wandb
 
         artifact = wandb.Artifact(name, type="model")
         artifact.add_dir(os.path.join(output_dir, BEST_DIR))
-        self.accelerator.get_tracker("wandb", unwrap=True).log_artifact(artifact)
+        tracker.run.log_artifact(artifact)
+
+    def finish_trackers(self) -> None:
+        """End every started tracker's run (main process); the next `finish` has nothing left to end."""
+        for tracker in self.trackers.values():
+            tracker.finish()
+            self.accelerator.trackers.remove(tracker)
+        self.trackers = {}
 
     def finish(self) -> None:
+        """End the trackers' runs (and, through accelerate, the process group). Call on every rank."""
         self.accelerator.end_training()
+        self.trackers = {}
+
+
+def _hparams(config: dict) -> dict:
+    """The run configuration as TensorBoard hparams take it: numbers, strings and booleans (lists joined,
+    None left out)."""
+    values = {}
+    for key, value in config.items():
+        if isinstance(value, (list, tuple)):
+            value = ",".join(map(str, value))
+        if isinstance(value, (bool, int, float, str)):
+            values[key] = value
+    return values
 
 
 def _wandb_table(matrix: list[list[int]], labels: list[str]):

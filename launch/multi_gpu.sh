@@ -22,6 +22,8 @@ if (( NPROC > 1 )); then MODE=(--multi_gpu); fi
 
 # afqmc_dist.launcher: accelerate's launch, ending with train.py's own last line and exit status, and passing
 # SIGTERM / SIGUSR1 / Ctrl-C on to the training processes (see its docstring). `python` is the one on PATH.
+# MAIN_PROCESS_PORT (default 29500): two jobs on one node (e.g. two sweep workers) need different ports.
 exec python -m afqmc_dist.launcher --config_file accelerate_config.yaml "${MODE[@]}" \
     --num_processes "$NPROC" --num_machines 1 --dynamo_backend no \
+    --main_process_port "${MAIN_PROCESS_PORT:-29500}" \
     train.py "$@"

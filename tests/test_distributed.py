@@ -29,7 +29,7 @@ def test_every_dev_pair_is_counted_exactly_once(two_process_run):
     out, _ = two_process_run
     evaluations = history(out)
     assert len(evaluations) == 8 and all(r["count"] == 101 for r in evaluations)
-    assert json.loads((out / "results.json").read_text())["eval_count"] == 101
+    assert json.loads((out / "results.json").read_text())["dev_count"] == 101
 
 
 def test_two_process_predictions_match_one_process_on_the_same_weights(two_process_run, synthetic_data):

@@ -26,7 +26,7 @@ def test_readme_quickstart_runs_the_whole_pipeline(tmp_path):
 
     out = tmp_path / "o" / "quickstart"
     assert (out / "best" / "model.safetensors").is_file()
-    assert json.loads((out / "results.json").read_text())["eval_count"] == 61
+    assert json.loads((out / "results.json").read_text())["dev_count"] == 61
     assert json.loads((out / "test_results.json").read_text())["test_count"] == 60
     submission = read_jsonl(out / "afqmc_predict.json")
     assert [row["id"] for row in submission] == list(range(60))

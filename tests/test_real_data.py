@@ -23,7 +23,7 @@ def test_short_real_run_writes_a_complete_clue_submission(tmp_path):
                        "--batch_size", "16", "--eval_batch_size", "64", "--learning_rate", "1e-4",
                        "--do_train", "--do_predict"])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((out / "results.json").read_text())["eval_count"] == 200
+    assert json.loads((out / "results.json").read_text())["dev_count"] == 200
 
     test_ids = [row["id"] for row in read_jsonl(AFQMC / "test.json")]
     submission = read_jsonl(out / "afqmc_predict.json")

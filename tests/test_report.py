@@ -121,3 +121,32 @@ def test_without_matplotlib_report_md_is_written_and_one_line_says_how_to_get_th
     assert result.returncode == 2
     assert result.stderr.splitlines() == ["error: report.png needs matplotlib: pip install matplotlib"]
     assert (run / "report.md").is_file() and not (run / "report.png").exists()
+
+
+def test_a_sweep_folder_is_reported_on_its_own_and_storage_is_for_sweeps_only(two_runs, tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "sweep.json").write_text(json.dumps({"study_name": "s", "storage": "sqlite:///nowhere.db"}))
+    assert main([str(two_runs["1e-3"]), str(sweep)]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {sweep} is a sweep folder: report it on its own"]
+    assert main([str(two_runs["1e-3"]), "--storage", "sqlite:///x.db"]) == 2
+    assert capsys.readouterr().err.splitlines() == ["error: --storage is for a sweep folder (one with sweep.json)"]
+    assert sorted(p.name for p in sweep.iterdir()) == ["sweep.json"]
+
+
+def test_the_figure_has_a_title_a_majority_guess_line_and_a_learning_rate_in_powers_of_ten(two_runs):
+    from matplotlib.ticker import ScalarFormatter
+
+    from afqmc_dist.report import draw, load_run, majority_accuracy
+
+    runs = [load_run(str(folder)) for folder in two_runs.values()]
+    fig = draw(runs)
+
+    assert fig.get_suptitle() == f"training report: {runs[0].name}, {runs[1].name}"
+    axes = {ax.get_title(): ax for ax in fig.axes}
+    matrix = [r for r in runs[0].records if "dev/confusion_matrix" in r][-1]["dev/confusion_matrix"]
+    expected = max(map(sum, matrix)) / sum(map(sum, matrix))
+    assert majority_accuracy(runs[0]) == pytest.approx(expected)
+    assert any(line.get_label() == f"majority guess ({expected:.3f})" for line in axes["dev accuracy"].lines)
+    formatter = axes["learning rate"].yaxis.get_major_formatter()
+    assert isinstance(formatter, ScalarFormatter) and formatter._scientific and formatter._powerlimits == (0, 0)

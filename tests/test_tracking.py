@@ -1,12 +1,14 @@
-"""What a run shows on its dashboards: W&B (offline here) through accelerate's trackers, and what happens when
-W&B is asked for but cannot start."""
+"""What a run shows on its dashboards: W&B (offline here), TensorBoard and MLflow through accelerate's trackers,
+read back with each tracker's own reader; what happens when a tracker is asked for but cannot start; and that
+nothing non-finite is ever written."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
-from conftest import history, run_tool
+from conftest import ROOT, history, read_jsonl, run_tool
 from wandb_offline import read_run, records
 
 from afqmc_dist.cli import main
@@ -14,10 +16,111 @@ from afqmc_dist.cli import main
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
-def short_run(model, data, out, *extra) -> list[str]:
+def short_run(model, data, out, *extra, trackers: str = "wandb") -> list[str]:
     return [str(a) for a in ["--model_checkpoint", model, "--train_file", data["train"], "--dev_file", data["dev"],
                              "--output_dir", out, "--do_train", "--num_train_epochs", "1", "--batch_size", "16",
-                             "--max_train_samples", "64", "--logging_steps", "2", "--report_to", "wandb", *extra]]
+                             "--max_train_samples", "64", "--logging_steps", "2", "--report_to", trackers, *extra]]
+
+
+def logged_numbers(out) -> dict[tuple[str, int], float]:
+    """metrics.jsonl as {(name, step): value} for every number logged (the tracker values to compare with)."""
+    numbers = {}
+    for record in read_jsonl(out / "metrics.jsonl"):
+        for key, value in record.items():
+            if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                numbers[(key, record["step"])] = value
+    return numbers
+
+
+def tensorboard_values(folder) -> dict[tuple[str, int], float]:
+    """Every scalar in the event files of `folder`, read with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+
+    events = EventAccumulator(str(folder), size_guidance={"tensors": 0, "scalars": 0})
+    events.Reload()
+    values = {(tag, e.step): e.value for tag in events.Tags()["scalars"] for e in events.Scalars(tag)}
+    values.update({(tag, e.step): tensor_util.make_ndarray(e.tensor_proto).item()
+                   for tag in events.Tags()["tensors"] for e in events.Tensors(tag)})
+    return values
+
+
+def test_tensorboard_mlflow_and_wandb_each_get_the_numbers_of_metrics_jsonl_the_config_and_the_summary(
+        tiny_model, synthetic_data, tmp_path):
+    pytest.importorskip("tensorboard")
+    mlflow = pytest.importorskip("mlflow")
+    out = tmp_path / "out"
+    result = run_tool(short_run(tiny_model, synthetic_data, out, "--learning_rate", "2e-3", "--eval_steps", "2",
+                                trackers="tensorboard,mlflow,wandb"), env={"WANDB_MODE": "offline"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert " is off" not in result.stdout
+    expected = logged_numbers(out)
+    best = json.loads((out / "results.json").read_text())
+    assert len([k for k in expected if k[0] == "dev/accuracy"]) >= 2 and ("train/loss", 2) in expected
+
+    # TensorBoard: OUTPUT_DIR/tensorboard, in double precision.
+    board = tensorboard_values(out / "tensorboard")
+    assert {k: v for k, v in board.items() if k in expected} == expected
+    assert set(expected) <= set(board)
+    assert board[("best_dev_accuracy", max(step for _, step in expected))] == best["dev_accuracy"]
+
+    # MLflow: the default local store OUTPUT_DIR/mlflow.db, one run in the project's experiment.
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("afqmc-dist").experiment_id])
+    tracked = {(key, m.step): m.value for key in {k for k, _ in expected}
+               for m in client.get_metric_history(run.info.run_id, key)}
+    assert tracked == expected
+    assert run.data.metrics["best_dev_accuracy"] == best["dev_accuracy"]
+    assert run.data.params["learning_rate"] == "0.002" and run.data.params["num_processes"] == "1"
+
+    # W&B (offline): the history rows and the summary.
+    (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    summary, config, rows = read_run(run_file)
+    wandb_values = {(k, row["_step"]): v for row in rows for k, v in row.items()  # the matrix is a table there
+                    if not k.startswith("_") and "confusion_matrix/" not in k and isinstance(v, (int, float))}
+    assert wandb_values == expected
+    assert summary["best_dev_accuracy"] == best["dev_accuracy"] and config["learning_rate"] == 0.002
+
+
+def test_a_tracker_that_cannot_start_is_one_line_and_the_run_goes_on_unless_require_tracker(
+        tiny_model, synthetic_data, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchscheme://nowhere")
+    out = tmp_path / "out"
+    assert main(short_run(tiny_model, synthetic_data, out, trackers="mlflow")) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if " is off" in line]
+    assert line.startswith("MLflow is off: it did not start (") and "metrics go to metrics.jsonl only" in line
+    assert len(history(out)) == 1
+
+    assert main(short_run(tiny_model, synthetic_data, tmp_path / "strict", "--require_tracker",
+                          trackers="mlflow")) == 2
+    (error,) = capsys.readouterr().err.splitlines()
+    assert error.startswith("error: --report_to mlflow: MLflow did not start (")
+
+
+def test_numbers_that_are_not_finite_are_left_out_of_metrics_jsonl_and_every_tracker(tmp_path):
+    pytest.importorskip("tensorboard")
+    from accelerate import Accelerator
+
+    from afqmc_dist.config import RunConfig
+    from afqmc_dist.tracking import Tracker
+
+    cfg = RunConfig(output_dir=str(tmp_path), report_to=["tensorboard"])
+    tracker = Tracker(Accelerator(cpu=True), cfg, run_info={})
+    tracker.log({"loss": math.nan, "grad_norm": math.inf, "learning_rate": 1e-3, "samples_per_second": 12.5},
+                "train", step=4)
+    tracker.summarize({"best_dev_loss": -math.inf, "train_steps": 4})
+    tracker.finish()
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in metrics.jsonl")
+
+    text = (tmp_path / "metrics.jsonl").read_text(encoding="utf-8")
+    assert [json.loads(line, parse_constant=refuse) for line in text.splitlines()] == [
+        {"step": 4, "train/learning_rate": 1e-3, "train/samples_per_second": 12.5}]
+    assert tensorboard_values(tmp_path / "tensorboard") == {("train/learning_rate", 4): 1e-3,
+                                                            ("train/samples_per_second", 4): 12.5,
+                                                            ("train_steps", 4): 4.0}
 
 
 def test_wandb_without_a_login_or_offline_mode_says_why_and_the_run_goes_on(tiny_model, synthetic_data, tmp_path,

@@ -1,0 +1,158 @@
+"""One seed of a sweep trial: a full training run of the tool, started through the sweep's launcher.
+
+Each seed run owns a folder and leaves these beside it, in SWEEP_DIR/trials/NNNN/ (NNNN: the trial's number, or
+for a retried trial the number of the trial it retries, so that a retry finds its predecessor's checkpoints):
+
+    seed-S/         the run's --output_dir (best/, results.json, metrics.jsonl, checkpoints/, tensorboard/, ...)
+    seed-S.yaml     the run's options, given to the launcher as `--config seed-S.yaml`
+    seed-S.log      the run's stdout and stderr (appended by each attempt)
+    seed-S.json     how it ended: {"seed", "status", "line", "value", "seconds", "params", "results"}
+
+Every run passes `--resume_from_checkpoint latest`: a retried seed continues from its last checkpoint (a fresh
+run starts afresh). A seed whose seed-S.json says it finished (status 0) with the same options is not run again.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shlex
+import signal
+import socket
+import string
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import yaml
+
+from .errors import EXIT_INTERNAL, EXIT_OK, STATUS_DIR_ENV
+from .outputs import RESULTS
+
+TRIALS = "trials"
+# Run in front of the launcher: the run gets SIGTERM when its worker dies (SIGKILL, the OOM killer), so that it
+# saves a checkpoint and frees its folder for the retry instead of training on unobserved (Linux; the kernel keeps
+# PR_SET_PDEATHSIG across exec).
+_WATCHED = ("import ctypes, os, signal, sys\n"
+            "ctypes.CDLL(None).prctl(1, signal.SIGTERM)\n"
+            "if os.getppid() != int(sys.argv[1]):\n"
+            "    sys.exit(3)  # the worker was gone before prctl\n"
+            "os.execvp(sys.argv[2], sys.argv[2:])\n")
+
+
+def trial_dir(sweep_dir: str, slot: int) -> str:
+    return os.path.join(sweep_dir, TRIALS, f"{slot:04d}")
+
+
+@dataclass
+class SeedResult:
+    seed: int
+    status: int  # the run's exit status (errors.py): 0 done, 1 NaN, 2 bad input, 3 stopped, 4 unexpected, 5 pruned
+    line: str | None  # the run's last line (error:/stopped:), if any
+    value: float | None  # the objective's dev metric of the best evaluation (status 0)
+    seconds: float
+    params: dict
+    results: dict
+
+    def write(self, path: str) -> None:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(asdict(self), f, ensure_ascii=False, allow_nan=False, indent=1)
+        os.replace(tmp, path)
+
+
+def finished_seed(folder: str, params: dict) -> SeedResult | None:
+    """The record of a seed run that an earlier attempt of this trial finished (status 0, same options)."""
+    try:
+        with open(f"{folder}.json", encoding="utf-8") as f:
+            record = SeedResult(**json.load(f))
+    except (OSError, ValueError, TypeError):
+        return None
+    return record if record.status == EXIT_OK and record.params == params else None
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now: a run's rendezvous ($MAIN_PROCESS_PORT), unique among local workers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_seed(launcher: list[str], options: dict, folder: str, metric: str, params: dict, env: dict,
+             started) -> SeedResult:
+    """Run one seed's training (options -> FOLDER.yaml, output in FOLDER) through `launcher` and wait for it.
+
+    `env` is added to the run's environment; `$NAME` in the launcher's words is replaced from it (so
+    `--main_process_port $MAIN_PROCESS_PORT` gets a free port for each run). `started(process)` is called with
+    the process once it runs (the worker passes stop signals to it), and `started(None)` when it has ended.
+    """
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    config_path, status_dir = f"{folder}.yaml", f"{folder}.status"
+    with open(f"{config_path}.tmp", "w", encoding="utf-8") as f:
+        yaml.safe_dump(options, f, allow_unicode=True, sort_keys=False)
+    os.replace(f"{config_path}.tmp", config_path)
+    os.makedirs(status_dir, exist_ok=True)
+    for old in glob.glob(os.path.join(status_dir, "rank*.json")):
+        os.remove(old)
+
+    env = {**os.environ, "MAIN_PROCESS_PORT": str(free_port()), **env, STATUS_DIR_ENV: status_dir}
+    command = [string.Template(word).safe_substitute(env) for word in launcher] + ["--config", config_path]
+    if sys.platform.startswith("linux"):
+        command = [sys.executable, "-c", _WATCHED, str(os.getpid()), *command]
+    began = time.time()
+    with open(f"{folder}.log", "a", encoding="utf-8") as log:
+        log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command[-(len(launcher) + 2):])}\n")
+        log.flush()
+        # Its own session: a Ctrl-C in the worker's terminal reaches the worker only, which passes it on once.
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        started(process)
+        try:
+            returncode = process.wait()
+        finally:
+            started(None)
+    status, line = _outcome(status_dir, returncode, f"{folder}.log")
+    results, value = {}, None
+    if status == EXIT_OK:
+        try:
+            with open(os.path.join(folder, RESULTS), encoding="utf-8") as f:
+                results = json.load(f)
+            value = float(results[f"dev_{metric}"])
+        except (OSError, ValueError, KeyError, TypeError):
+            status, line = EXIT_INTERNAL, f"the run ended with status 0 but {folder}/{RESULTS} has no dev_{metric}"
+    result = SeedResult(options["seed"], status, line, value, round(time.time() - began, 1), params, results)
+    result.write(f"{folder}.json")
+    return result
+
+
+def _outcome(status_dir: str, returncode: int, log_path: str) -> tuple[int, str | None]:
+    """The run's own exit status and last line: from the processes' status files (errors.py writes them; a plain
+    `accelerate launch` exits 1 whatever its processes' statuses were), else from the launcher's exit code."""
+    records = []
+    for path in glob.glob(os.path.join(status_dir, "rank*.json")):
+        try:
+            with open(path, encoding="utf-8") as f:
+                records.append(json.load(f))
+        except (OSError, ValueError):
+            continue
+    records.sort(key=lambda r: r.get("rank", 0))
+    failing = [r for r in records if r.get("status")]
+    if records and (failing or returncode == 0):
+        chosen = next((r for r in failing if r.get("rank") == 0), failing[0] if failing else records[0])
+        line = chosen.get("line") or next((r["line"] for r in records if r.get("line")), None)
+        return int(chosen["status"]), line
+    if returncode < 0:
+        return EXIT_INTERNAL, f"the run was killed by {signal.Signals(-returncode).name}"
+    return returncode, _last_line(log_path)
+
+
+def _last_line(log_path: str) -> str | None:
+    """The last `error:` / `stopped:` line of a run's log."""
+    try:
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            lines = f.read()[-20000:].splitlines()
+    except OSError:
+        return None
+    return next((line.strip() for line in reversed(lines) if "error:" in line or line.startswith("stopped:")),
+                None)
