@@ -8,7 +8,7 @@ import json
 import math
 
 import pytest
-from conftest import ROOT, history, read_jsonl, run_tool
+from conftest import history, read_jsonl, run_tool
 from wandb_offline import read_run, records
 
 from afqmc_dist.cli import main
