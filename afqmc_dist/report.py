@@ -232,7 +232,11 @@ def draw(runs: list[Run]):
 
 def render_png(runs: list[Run], path: str) -> None:
     """Draw the curves of every run into `path` (PNG, through a temporary file). Needs matplotlib."""
-    fig = draw(runs)
+    save_figure(draw(runs), path)
+
+
+def save_figure(fig, path: str) -> None:
+    """Write a figure as PNG to `path` through a temporary file (a report being opened is never half-written)."""
     tmp = f"{path}.tmp"
     try:
         fig.savefig(tmp, format="png", dpi=DPI)

@@ -24,12 +24,12 @@ import yaml
 
 from .errors import UserError, first_line
 from .outputs import atomic_open
+from .report import save_figure
 from .sweep_runs import trial_dir
 from .sweep_study import IDENTITY_ATTR, STUDY_DB, SWEEP_JSON, Ledger, mask_password
 
 SWEEP_MD, SWEEP_PNG, BEST_CONFIG, BEST_RUN = "sweep.md", "sweep.png", "best_config.yaml", "best-run"
 TOP_TRIALS = 8  # in the seed-spread panel
-DPI = 90
 
 
 def is_sweep_dir(folder: str) -> bool:
@@ -287,15 +287,7 @@ def render_png(sweep: Sweep, path: str) -> None:
     ax.grid(alpha=0.3)
     for ax in axes[panels:]:
         ax.set_visible(False)
-    tmp = f"{path}.tmp"
-    try:
-        fig.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_figure(fig, path)
 
 
 def report(folder: str, output_dir: str | None = None, storage: str | None = None) -> None:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import FILLER, PLANTED, run_tool, synthetic_pairs, write_jsonl
+from conftest import FILLER, PLANTED, last_error_line, run_tool, synthetic_pairs, write_jsonl
 
 from afqmc_dist.cli import main
 from afqmc_dist.tiny_model import SPECIAL_TOKENS, build_tiny_bert
@@ -50,14 +50,6 @@ def the_error_line(capsys) -> str:
     assert len(err.splitlines()) == 1, f"expected one line on stderr, got:\n{err}"
     assert err.startswith("error: ") and err.endswith("\n")
     return err.rstrip("\n")
-
-
-def last_error_line(stderr: str) -> str:
-    """The error line of a run that may have printed progress bars first: the last line, and the only error."""
-    assert "Traceback" not in stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], stderr
-    return lines[-1]
 
 
 def assert_nothing_half_written(output_dir: str) -> None:

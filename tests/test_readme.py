@@ -9,11 +9,26 @@ import sys
 from conftest import ROOT, read_jsonl
 
 
-def quickstart_commands() -> str:
+def readme_block(name: str) -> str:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    block = re.search(r"<!-- quickstart:start -->\s*```bash\n(.*?)```\s*<!-- quickstart:end -->", readme, re.DOTALL)
-    assert block, "README.md lost its quick-start block"
+    block = re.search(rf"<!-- {name}:start -->\s*```bash\n(.*?)```\s*<!-- {name}:end -->", readme, re.DOTALL)
+    assert block, f"README.md lost its {name} block"
     return block.group(1)
+
+
+def quickstart_commands() -> str:
+    return readme_block("quickstart")
+
+
+def test_readme_setup_installs_the_pinned_torch_first_then_the_requirements_that_keep_it():
+    """CI (.ci/run) runs this block as written in a fresh clone; here, that its order is the one that works: the
+    torch build chosen first, at the version requirements.txt pins (which then leaves it alone)."""
+    commands = [line.split("#")[0].strip() for line in readme_block("setup").splitlines() if line.strip()]
+    pinned = next(line for line in (ROOT / "requirements.txt").read_text().splitlines() if line.startswith("torch=="))
+    torch_at = next(i for i, c in enumerate(commands) if c.startswith("pip install torch"))
+    requirements_at = next(i for i, c in enumerate(commands) if c == "pip install -r requirements.txt")
+    assert commands[torch_at] == f"pip install {pinned}" and torch_at < requirements_at
+    assert commands[0].startswith("python3 -m venv .venv")
 
 
 def test_readme_quickstart_runs_the_whole_pipeline(tmp_path):
