@@ -59,6 +59,7 @@ def first_line(error: BaseException) -> str:
 
 
 _log_dir: str | None = None
+_running = False  # exit_status has started the run (see stop_while_starting)
 
 
 def log_errors_to(folder: str | None) -> None:
@@ -117,6 +118,10 @@ def stop_while_starting(signals=("SIGTERM", "SIGUSR1", "SIGINT")) -> None:
     import signal
 
     def stopped(signum, frame):
+        if _running:
+            # The run handles stop signals itself (preemption.py) and puts this handler back when it ends: a
+            # signal now (torchrun stopping the survivors of a failed process) must not replace its status.
+            return
         line = f"stopped: {signal.Signals(signum).name} received while starting up; nothing was written"
         status_dir = os.environ.get(STATUS_DIR_ENV)
         if not (status_dir and _record_status(status_dir, EXIT_STOPPED, line)):
@@ -137,6 +142,8 @@ def exit_status(run: Callable[[], None]) -> int:
     file holding its traceback. Under the project's launcher ($AFQMC_STATUS_DIR set), the status and line are
     written to the status folder instead, for the launcher to print once.
     """
+    global _running
+    _running = True
     status, line = outcome(run)
     status_dir = os.environ.get(STATUS_DIR_ENV)
     if status_dir and _record_status(status_dir, status, line):

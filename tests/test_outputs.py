@@ -251,3 +251,32 @@ def test_a_full_disk_while_saving_the_best_model_leaves_the_previous_one_and_no_
     assert "MiB free on its disk" in message and message.endswith(f"{small_disk / 'best'} is as it was")
     assert not (small_disk / "best.tmp").exists()
     assert snapshot(small_disk / "best") == before
+
+
+def test_a_run_says_what_it_does_in_its_own_lines_without_library_tables_or_bars(trained_run):
+    """The default run's output: one line about the new classifier head (not transformers' LOAD REPORT table, once
+    per rank), no "Writing model shards" bar inside the training bar at each best-model save, and a summary that
+    counts seconds when the run took less than a minute."""
+    _, result = trained_run
+    assert "LOAD REPORT" not in result.stdout + result.stderr
+    assert "Writing model shards" not in result.stderr and "Loading weights" not in result.stderr
+    assert result.stdout.count("classifier head initialised from scratch, as expected when fine-tuning a base "
+                               "checkpoint") == 1
+    (finished,) = [line for line in result.stdout.splitlines() if line.startswith("run finished in ")]
+    took = finished.split("run finished in ")[1].split(" -> ")[0]
+    assert took.endswith(" s") and float(took[:-2]) < 60 or took.endswith(" min") and float(took[:-4]) >= 1.0
+
+
+def test_results_json_holds_the_exact_ratio_of_its_counts_on_a_500_pair_dev_set(tiny_model, synthetic_data,
+                                                                               tmp_path, fresh_accelerate_state):
+    """500 copies of one pair, 325 labelled "1" and 175 "0": the model answers the same for all, so the accuracy
+    is 325/500 or 175/500, which float32 would write as 0.6499999761581421 or 0.3499999940395355."""
+    pair = {"sentence1": "花的了是", "sentence2": "我花有他"}
+    dev = write_jsonl(tmp_path / "dev.json", [{**pair, "label": "1"}] * 325 + [{**pair, "label": "0"}] * 175)
+    out = tmp_path / "out"
+
+    assert main([str(a) for a in train_args(tiny_model, {**synthetic_data, "dev": dev}, out, "--max_steps", "1")]) == 0
+    results = json.loads((out / "results.json").read_text())
+
+    assert results["dev_count"] == 500 and results["dev_correct"] in (325, 175)
+    assert results["dev_accuracy"] == {325: 0.65, 175: 0.35}[results["dev_correct"]]
