@@ -37,7 +37,7 @@ import os
 from accelerate.utils import broadcast_object_list
 
 from .errors import UserError, first_line
-from .outputs import BEST_DIR, METRICS
+from .outputs import BEST_DIR, METRICS, write_error
 
 TENSORBOARD_DIR, MLFLOW_DB, MLFLOW_ARTIFACTS = "tensorboard", "mlflow.db", "mlruns"
 MLFLOW_PARENT_ENV = "AFQMC_MLFLOW_PARENT_RUN_ID"
@@ -175,8 +175,11 @@ class Tracker:
         if not self.accelerator.is_main_process:
             return
         record = {"step": self.last_step, **({"epoch": epoch} if epoch is not None else {}), **named}
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
+        try:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
+        except OSError as e:  # a full disk: one line naming the file and the free space, not a traceback
+            raise UserError(write_error(self.metrics_path, e)) from None
         numbers = finite_numbers(named)
         for name, tracker in self.trackers.items():
             if name == "wandb":
