@@ -160,3 +160,27 @@ def test_fsdp2_trains_tests_and_predicts_on_one_gpu(tiny_model, synthetic_data, 
 
     latest = find_latest_checkpoint(str(out))
     assert latest and any(p.is_dir() for p in Path(latest).iterdir()), os.listdir(latest)
+
+
+def test_host_to_device_copies_are_non_blocking_only_on_a_gpu(fresh_accelerate_state):
+    from afqmc_dist.engine import make_accelerator
+
+    accelerator, recorded = make_accelerator(RunConfig(cpu=True))
+    assert accelerator.dataloader_config.non_blocking is False and recorded["tf32"] is False
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_batches_come_through_pinned_memory_with_non_blocking_copies(tiny_model, fresh_accelerate_state):
+    from transformers import AutoTokenizer
+
+    from afqmc_dist.data import PairDataset, PairExample, make_eval_dataloader
+    from afqmc_dist.engine import make_accelerator
+
+    cfg = RunConfig()
+    accelerator, _ = make_accelerator(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    dataset = PairDataset([PairExample("的了", "是在", 1, {})] * 4)
+    dataset.encode(tokenizer, cfg.max_seq_length)
+    loader = make_eval_dataloader(dataset, cfg, cfg.batch_plan(1), tokenizer, accelerator)
+
+    assert accelerator.dataloader_config.non_blocking is True and loader.pin_memory is True
