@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from .distributed import first_error, on_main
 from .errors import UserError
 from .manifest import file_sha256, manifest_problem, write_manifest
-from .outputs import METRICS, WRITE_ERRORS, remove_quietly, replace_dir, write_error, write_json
+from .outputs import METRICS, WRITE_ERRORS, free_mib, remove_quietly, replace_dir, write_error, write_json
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "train_state.json"
@@ -244,10 +244,7 @@ def estimate_checkpoint_bytes(num_parameters: int) -> int:
 
 def check_free_space(path: str, needed: int) -> None:
     """Raise UserError if the filesystem holding `path` (or its nearest existing parent) has less than `needed`."""
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    free = shutil.disk_usage(existing).free
-    if free < needed:
-        raise UserError(f"--output_dir {path}: {free / 2**20:.0f} MiB free on its disk, but a checkpoint and the "
+    free = free_mib(path)
+    if free * 2**20 < needed:
+        raise UserError(f"--output_dir {path}: {free:.0f} MiB free on its disk, but a checkpoint and the "
                         f"best model need about {needed / 2**20:.0f} MiB")

@@ -31,7 +31,7 @@ from .distributed import on_main
 from .engine import check_real_parameters, make_accelerator, release_models
 from .errors import EXIT_STOPPED, TrainingStopped, UserError, exit_status, log_errors_to
 from .evaluation import evaluate, loggable, predict, prepare_for_inference
-from .model import build_model_and_tokenizer, check_model_fits, load_trained_config, load_trained_model
+from .model import build_model_and_tokenizer, check_model_fits, load_trained_model
 from .outputs import (
     PHASE_CONFIGS,
     RESULTS,
@@ -52,19 +52,15 @@ from .tracking import Tracker
 from .training import train
 
 
-def check_trained_model(cfg) -> None:
-    """Before test/predict without training: OUTPUT_DIR/best exists and was trained with --label_list."""
+def load_best_model(cfg, accelerator):
+    """OUTPUT_DIR/best, whole on this process's device, ready for inference, and its tokenizer. Every rank.
+    UserError if there is none, or if it was trained with other labels than --label_list."""
     best_dir = find_best_dir(cfg.output_dir)
-    id2label = load_trained_config(best_dir).id2label
+    model, tokenizer = load_trained_model(best_dir)
+    id2label = model.config.id2label
     trained_labels = [id2label[i] for i in sorted(id2label)]
     if trained_labels != list(cfg.label_list):
         raise UserError(f"{best_dir} was trained with labels {trained_labels}, but --label_list is {cfg.label_list}")
-
-
-def load_best_model(cfg, accelerator):
-    """OUTPUT_DIR/best, whole on this process's device, ready for inference, and its tokenizer. Every rank."""
-    best_dir = find_best_dir(cfg.output_dir)
-    model, tokenizer = load_trained_model(best_dir)
     check_model_fits(model, tokenizer, cfg.max_seq_length, best_dir)
     return prepare_for_inference(accelerator, model), tokenizer
 
@@ -95,7 +91,7 @@ def run_predict(cfg, plan, accelerator, model, tokenizer, dataset, tracker) -> l
     return written
 
 
-def prepare_resume(cfg, plan, model, accelerator) -> tuple[str | None, str | None]:
+def prepare_resume(cfg, fingerprint: dict, accelerator) -> tuple[str | None, str | None]:
     """The checkpoint to resume from (None: start fresh) and its W&B run id, after checking that it belongs to
     this run (same model, data, global batch, ...). `latest` with no checkpoint starts afresh only when the folder
     holds no other run's model: a finished run without checkpoints is never replaced silently."""
@@ -110,7 +106,7 @@ def prepare_resume(cfg, plan, model, accelerator) -> tuple[str | None, str | Non
     if path is None:
         return None, None
     state = read_state(path)
-    check_compatible(path, state.fingerprint, run_fingerprint(cfg, model, plan))
+    check_compatible(path, state.fingerprint, fingerprint)
     return path, state.wandb_run_id
 
 
@@ -136,13 +132,13 @@ def set_aside(cfg, accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
-def train_phase(cfg, plan, accelerator, model, tokenizer, datasets, positive_id, tracker, resume_from,
-                stop_requests) -> dict:
+def train_phase(cfg, plan, accelerator, model, tokenizer, datasets, positive_id, tracker, fingerprint,
+                resume_from, stop_requests) -> dict:
     """Train; on a failure before the first best model, put a replaced run's outputs back (not after a stop
     signal: its checkpoint is the new run's, to be resumed)."""
     try:
         summary = train(cfg, plan, accelerator, model, tokenizer, datasets["train"], datasets["dev"], positive_id,
-                        tracker, run_fingerprint(cfg, model, plan), resume_from, stop_requests,
+                        tracker, fingerprint, resume_from, stop_requests,
                         TrialReporter.from_env(accelerator, cfg))
     except BaseException as e:
         if not (isinstance(e, TrainingStopped) and e.exit_code == EXIT_STOPPED) and accelerator.is_main_process \
@@ -174,16 +170,16 @@ def run(cfg: RunConfig, stop_requests: StopRequests) -> None:
     datasets = load_datasets(cfg, schema)
     trained = None  # a test/predict run's model, loaded (and so checked) before anything is written
     if not cfg.do_train:
-        check_trained_model(cfg)
         trained = load_best_model(cfg, accelerator)
     run_info = {**plan.describe(), **run_info, "git_commit": git_commit()}
-    model = tokenizer = None
+    model = tokenizer = fingerprint = None
     if cfg.do_train:
         # The main process downloads a hub checkpoint first; the others then read it from the cache.
         with accelerator.main_process_first():
             model, tokenizer = build_model_and_tokenizer(cfg)
         check_real_parameters(accelerator, model)
         run_info["num_parameters"] = model.num_parameters()
+        fingerprint = run_fingerprint(cfg, model, plan)  # hashes the data files: once per run
         needed = estimate_checkpoint_bytes(model.num_parameters())
         check_free_space(cfg.output_dir, needed if cfg.checkpointing_steps else needed // 4)
 
@@ -192,7 +188,7 @@ def run(cfg: RunConfig, stop_requests: StopRequests) -> None:
     try:
         with stop_requests.deferred():
             claim_output_dir(cfg, accelerator, lock)
-            resume_from, wandb_id = prepare_resume(cfg, plan, model, accelerator) if cfg.do_train else (None, None)
+            resume_from, wandb_id = prepare_resume(cfg, fingerprint, accelerator) if cfg.do_train else (None, None)
             if cfg.do_train and not resume_from:
                 set_aside(cfg, accelerator)
             phases = ["train"] if cfg.do_train else [p for p in ("test", "predict") if getattr(cfg, f"do_{p}")]
@@ -208,7 +204,7 @@ def run(cfg: RunConfig, stop_requests: StopRequests) -> None:
                 if cfg.torch_compile:
                     model.compile()  # in place: parameter names (and so saved checkpoints) stay those of the model
                 summary = train_phase(cfg, plan, accelerator, model, tokenizer, datasets, positive_id, tracker,
-                                      resume_from, stop_requests)
+                                      fingerprint, resume_from, stop_requests)
                 # Drop the training model and optimizer state before the best model is loaded.
                 model = None
                 accelerator.free_memory()

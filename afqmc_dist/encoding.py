@@ -12,12 +12,12 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 
 import torch
 
+from .outputs import free_mib
 from .pairs import PairExample
 
 
@@ -124,13 +124,6 @@ def _load_cache(path: str, examples: list[PairExample], max_length: int, vocab_s
     return None
 
 
-def _free_mib(folder: str) -> str:
-    existing = os.path.abspath(folder)
-    while not os.path.isdir(existing):
-        existing = os.path.dirname(existing)
-    return f"{shutil.disk_usage(existing).free / 2**20:.0f}"
-
-
 def _save_cache(encodings: Encodings, path: str) -> None:
     """Write `encodings` to `path` through a temporary file of this process, removed if anything fails."""
     folder = os.path.dirname(path)
@@ -144,7 +137,7 @@ def _save_cache(encodings: Encodings, path: str) -> None:
             os.remove(tmp)
         except OSError:
             pass
-        print(f"cannot write the tokenisation cache in {folder} ({_free_mib(folder)} MiB free): going on without it",
+        print(f"cannot write the tokenisation cache in {folder} ({free_mib(folder):.0f} MiB free): going on without it",
               file=sys.stderr, flush=True)
 
 

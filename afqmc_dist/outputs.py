@@ -59,7 +59,7 @@ def is_clue_file(name: str) -> bool:
 def free_mib(path: str) -> float:
     """Free space on the disk holding `path` (or its nearest existing parent), in MiB."""
     existing = os.path.abspath(path)
-    while not os.path.exists(existing):
+    while not os.path.isdir(existing):
         existing = os.path.dirname(existing)
     return shutil.disk_usage(existing).free / 2**20
 

@@ -35,7 +35,7 @@ def load_checkpoint(accelerator, path: str, output_dir: str, schedule, plan) -> 
     restore_metrics(accelerator, path, output_dir)
     # The position in the epoch, in this layout's micro-batches (a checkpoint is always at an optimizer step).
     done = schedule.steps_done_in_epoch(state.step, state.epoch)
-    state.batches_in_epoch = micro_batches_per_epoch(list(schedule.batch_sizes[:done]), plan.micro_batch)
+    state.batches_in_epoch = micro_batches_per_epoch(schedule.batch_sizes[:done], plan.micro_batch)
     if state.num_processes != accelerator.num_processes:
         accelerator.print(f"resuming a checkpoint written by {state.num_processes} process(es) on "
                           f"{accelerator.num_processes}: the data order, optimizer and schedule continue exactly; "

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler
@@ -29,7 +29,7 @@ def global_batch_sizes(num_samples: int, global_batch: int, drop_last: bool) -> 
     return [global_batch] * full + ([rest] if rest and not drop_last else [])
 
 
-def micro_batches_per_epoch(sizes: list[int], micro_batch: int) -> int:
+def micro_batches_per_epoch(sizes: Sequence[int], micro_batch: int) -> int:
     """DataLoader batches (= micro-batches of each process) in an epoch of global batches of `sizes`."""
     return sum(math.ceil(size / micro_batch) for size in sizes)
 

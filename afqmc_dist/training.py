@@ -14,7 +14,6 @@ however they are spread over processes and accumulation steps: see `pair_loss`.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -121,14 +120,13 @@ class Throughput:
 
 
 def train(cfg, plan, accelerator, model, tokenizer, train_set, dev_set, positive_id: int, tracker,
-          fingerprint: dict, resume_from: str | None = None, stop_requests: StopRequests | None = None,
-          pruner=None) -> dict:
+          fingerprint: dict, resume_from: str | None, stop_requests: StopRequests, pruner=None) -> dict:
     """Fine-tune `model`, evaluating on the dev file after every epoch (and every `cfg.eval_steps`).
 
     Keeps the best model (by --metric_for_best_model) in OUTPUT_DIR/best and its record in OUTPUT_DIR/results.json,
     and full checkpoints as --checkpointing_steps says. `positive_id` is the class whose F1 is reported with two
     labels; `fingerprint` is stored in checkpoints; `resume_from` is a checkpoint to continue from;
-    `stop_requests` the run's signal handler (one is made if None); `pruner` a sweep trial's reporter
+    `stop_requests` the run's signal handler (cli.run installs it); `pruner` a sweep trial's reporter
     (pruning.py) or None. Returns the best record (same on every rank). Raises TrainingStopped after a stop
     signal (checkpoint written), a non-finite loss or a pruned trial.
     """
@@ -156,7 +154,7 @@ def train(cfg, plan, accelerator, model, tokenizer, train_set, dev_set, positive
         accelerator.print(f"resumed from {resume_from}: step {state.step}, epoch {state.epoch}, "
                           f"{state.batches_in_epoch} batches into it")
     accelerator.print(f"training: {len(train_set)} pairs, {schedule.describe()}, "
-                      f"{micro_batches_per_epoch(list(batch_sizes), plan.micro_batch)} micro-batches per process "
+                      f"{micro_batches_per_epoch(batch_sizes, plan.micro_batch)} micro-batches per process "
                       "and epoch")
 
     # The first non-finite loss, recorded on the device (no sync) and checked where the loop syncs anyway.
@@ -218,12 +216,10 @@ def train(cfg, plan, accelerator, model, tokenizer, train_set, dev_set, positive
     progress = tqdm(total=total_steps, initial=state.step, desc="train", unit="step",
                     disable=not accelerator.is_local_main_process)
     model.train()
-    owned = stop_requests is None  # called on its own (not from cli.run): handle signals here
-    stop_requests = stop_requests or StopRequests(accelerator)
     # A run resumed from its final checkpoint has nothing left to do.
     finished = state.step >= total_steps and state.batches_in_epoch == 0
     saved, saved_at, evaluated_at = None, None, None
-    with stop_requests if owned else contextlib.nullcontext(), stop_requests.deferred(), progress:
+    with stop_requests.deferred(), progress:
         stop_if_requested()  # a signal that came while the run was being set up
         while not finished:
             train_loader.set_epoch(state.epoch - 1)  # the order is a function of (seed, epoch)
@@ -262,8 +258,7 @@ def train(cfg, plan, accelerator, model, tokenizer, train_set, dev_set, positive
                     progress.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['learning_rate']:.2e}",
                                          samples_s=f"{stats['samples_per_second']:.1f}",
                                          tokens_s=f"{stats['tokens_per_second']:.0f}")
-                    tracker.log({k: v for k, v in stats.items() if finite_or_none(v) is not None}, "train",
-                                state.step, state.epoch)
+                    tracker.log(stats, "train", state.step, state.epoch)  # it leaves out what is not finite
                 # The end of an epoch and of the run evaluate anyway (below).
                 mid_epoch = schedule.steps_done_in_epoch(state.step, state.epoch) < schedule.steps_per_epoch
                 if cfg.eval_steps and state.step % cfg.eval_steps == 0 and mid_epoch and state.step < total_steps:

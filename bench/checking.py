@@ -167,6 +167,12 @@ class Check:
     def cuda(self) -> bool:
         return self.machine.get("gpu_count", 0) > 0
 
+    def earlier(self, step: str, what: str):
+        """What step `step` left for later ones, or Skipped saying this step needs `what` of it."""
+        if step not in self.shared:
+            raise Skipped(f"needs {step}'s {what} ({step} did not pass)")
+        return self.shared[step]
+
     def say(self, message: str) -> None:
         self.log_file.write(message + "\n")
         self.log_file.flush()

@@ -223,9 +223,7 @@ def compare_predictions(reference: list[dict], other: list[dict], what: str, lim
 @steps.add("bf16_predictions_match_fp32", "any", 60,
            "python -m afqmc_dist.predict with train_fp32's best/ in fp32 and in bf16: same labels, close probabilities")
 def bf16_predictions_match_fp32(check: Check) -> dict:
-    trained = check.shared.get("train_fp32")
-    if trained is None:
-        raise Skipped("needs train_fp32's best/ (train_fp32 did not pass)")
+    trained = check.earlier("train_fp32", "best/")
     preds = {}
     for precision in ("no", "bf16"):
         path = check.work / f"predict-{precision}.jsonl"

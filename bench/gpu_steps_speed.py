@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 import sys
 
-from bench.checking import Check, Failed, Skipped, Steps
+from bench.checking import Check, Failed, Steps
 from bench.gpu_steps import CHECKPOINT_EVERY, SAMPLE, one_process, read_json, run_args, steps_per_epoch, verify_run
 
 steps = Steps()
@@ -27,9 +27,7 @@ def steady_rate(metrics: list[dict]) -> float | None:
 def torch_compile_bf16(check: Check) -> dict:
     from bench.common import read_jsonl
 
-    eager = check.shared.get("train_bf16")
-    if eager is None:
-        raise Skipped("needs train_bf16's run as the eager baseline (train_bf16 did not pass)")
+    eager = check.earlier("train_bf16", "run as the eager baseline")
     out = check.work / "compile_bf16"
     args = run_args(check, out, 2, "--checkpointing_steps", CHECKPOINT_EVERY, "--mixed_precision", "bf16",
                     "--torch_compile")
