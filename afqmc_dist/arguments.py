@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import os
 import sys
@@ -25,7 +24,7 @@ from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
 from .config import RunConfig
-from .errors import UserError, first_line
+from .errors import UserError, closest_option, first_line
 
 DESCRIPTION = ("Fine-tune a Chinese BERT-family model on a sentence-pair task (AFQMC by default; LCQMC, BQ, OCNLI "
                "with the key and label options): train, test on labelled pairs, predict.")
@@ -115,12 +114,6 @@ def _add_switch(group, f) -> None:
     group.add_argument(f"--{f.name}", action="store_true", default=f.default, help=help_text)
     if f.default is not False:
         group.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=f"Turn --{f.name} off.")
-
-
-def closest_option(name: str, options: list[str]) -> str:
-    """' (did you mean --x?)' for the option closest to a mistyped one, or ''."""
-    match = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
-    return f" (did you mean {match[0]}?)" if match else ""
 
 
 def _option_strings(parser: argparse.ArgumentParser) -> list[str]:

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 
 from .distributed import first_error, on_main
 from .errors import UserError
+from .files import DISK_FULL, WRITE_ERRORS, free_mib, remove_quietly, replace_dir, write_error, write_json
 from .manifest import file_sha256, manifest_problem, write_manifest
-from .outputs import METRICS, WRITE_ERRORS, free_mib, remove_quietly, replace_dir, write_error, write_json
+from .outputs import CHECKPOINTS, METRICS
 
-CHECKPOINTS = "checkpoints"
 STATE_FILE = "train_state.json"
 _STEP_DIR = re.compile(r"step_(\d+)")
 
@@ -246,5 +246,5 @@ def check_free_space(path: str, needed: int) -> None:
     """Raise UserError if the filesystem holding `path` (or its nearest existing parent) has less than `needed`."""
     free = free_mib(path)
     if free * 2**20 < needed:
-        raise UserError(f"--output_dir {path}: {free:.0f} MiB free on its disk, but a checkpoint and the "
+        raise UserError(f"--output_dir {path}: {free:.0f} {DISK_FULL}, but a checkpoint and the "
                         f"best model need about {needed / 2**20:.0f} MiB")

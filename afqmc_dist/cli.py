@@ -17,52 +17,24 @@ import time
 from accelerate.utils import set_seed
 
 from .arguments import parse_config
-from .checkpoints import (
-    check_compatible,
-    check_free_space,
-    estimate_checkpoint_bytes,
-    read_state,
-    resolve_resume,
-    run_fingerprint,
-)
+from .best_model import load_best_model
+from .checkpoints import check_compatible, check_free_space, estimate_checkpoint_bytes, read_state, run_fingerprint
 from .config import RunConfig
 from .data import PairSchema, encode_datasets, load_datasets, make_eval_dataloader
 from .distributed import on_main
 from .engine import check_real_parameters, make_accelerator, release_models
-from .errors import EXIT_STOPPED, TrainingStopped, UserError, exit_status, log_errors_to
-from .evaluation import evaluate, loggable, predict, prepare_for_inference
-from .model import build_model_and_tokenizer, check_model_fits, load_trained_model
-from .outputs import (
-    PHASE_CONFIGS,
-    RESULTS,
-    TEST_RESULTS,
-    find_best_dir,
-    remove_stale_temporaries,
-    restore_previous_run,
-    run_outputs,
-    set_aside_previous_run,
-    write_json,
-    write_predictions,
-)
+from .errors import exit_status, log_errors_to
+from .evaluation import evaluate, loggable, predict
+from .files import write_json
+from .model import build_model_and_tokenizer
+from .outputs import PHASE_CONFIGS, RESULTS, TEST_RESULTS
+from .predictions import write_predictions
 from .preemption import StopRequests
-from .pruning import TrialReporter
-from .runlock import RunLock
+from .run_folder import RunLock, SetAside, remove_stale_temporaries, resume_point
 from .summary import git_commit, run_summary
+from .sweep.pruning import TrialReporter
 from .tracking import Tracker
 from .training import train
-
-
-def load_best_model(cfg, accelerator):
-    """OUTPUT_DIR/best, whole on this process's device, ready for inference, and its tokenizer. Every rank.
-    UserError if there is none, or if it was trained with other labels than --label_list."""
-    best_dir = find_best_dir(cfg.output_dir)
-    model, tokenizer = load_trained_model(best_dir)
-    id2label = model.config.id2label
-    trained_labels = [id2label[i] for i in sorted(id2label)]
-    if trained_labels != list(cfg.label_list):
-        raise UserError(f"{best_dir} was trained with labels {trained_labels}, but --label_list is {cfg.label_list}")
-    check_model_fits(model, tokenizer, cfg.max_seq_length, best_dir)
-    return prepare_for_inference(accelerator, model), tokenizer
 
 
 def inference_loader(cfg, plan, accelerator, tokenizer, dataset):
@@ -92,17 +64,9 @@ def run_predict(cfg, plan, accelerator, model, tokenizer, dataset, tracker) -> l
 
 
 def prepare_resume(cfg, fingerprint: dict, accelerator) -> tuple[str | None, str | None]:
-    """The checkpoint to resume from (None: start fresh) and its W&B run id, after checking that it belongs to
-    this run (same model, data, global batch, ...). `latest` with no checkpoint starts afresh only when the folder
-    holds no other run's model: a finished run without checkpoints is never replaced silently."""
-    path = resolve_resume(cfg, accelerator) if cfg.resume_from_checkpoint else None
-    if cfg.resume_from_checkpoint == "latest" and path is None:
-        trained = [name for name in run_outputs(cfg.output_dir) if name in ("best", RESULTS)]
-        if trained and not cfg.overwrite_output_dir:
-            raise UserError(f"--resume_from_checkpoint latest: {cfg.output_dir} holds a run's {trained[0]} but no "
-                            "checkpoint to resume from; pass --overwrite_output_dir to replace that run, or use "
-                            "another --output_dir")
-        accelerator.print(f"--resume_from_checkpoint latest: no checkpoint in {cfg.output_dir} yet, starting afresh")
+    """The checkpoint to resume from (None: start fresh, see run_folder.resume_point) and its W&B run id, after
+    checking that it belongs to this run (same model, data, global batch, ...)."""
+    path = resume_point(cfg, accelerator)
     if path is None:
         return None, None
     state = read_state(path)
@@ -121,31 +85,11 @@ def claim_output_dir(cfg, accelerator, lock: RunLock) -> None:
     log_errors_to(cfg.output_dir)
 
 
-def set_aside(cfg, accelerator) -> None:
-    """A fresh training run in a folder holding another run: set that run's outputs aside (main process); they come
-    back if the new run fails before its first best model."""
-    if accelerator.is_main_process:
-        moved = set_aside_previous_run(cfg.output_dir)
-        if moved:
-            print(f"--overwrite_output_dir: the previous run's outputs ({', '.join(moved)}) are kept in "
-                  f"{cfg.output_dir}/.previous-run until this run saves its first best model")
-    accelerator.wait_for_everyone()
-
-
 def train_phase(cfg, plan, accelerator, model, tokenizer, datasets, positive_id, tracker, fingerprint,
                 resume_from, stop_requests) -> dict:
-    """Train; on a failure before the first best model, put a replaced run's outputs back (not after a stop
-    signal: its checkpoint is the new run's, to be resumed)."""
-    try:
-        summary = train(cfg, plan, accelerator, model, tokenizer, datasets["train"], datasets["dev"], positive_id,
-                        tracker, fingerprint, resume_from, stop_requests,
-                        TrialReporter.from_env(accelerator, cfg))
-    except BaseException as e:
-        if not (isinstance(e, TrainingStopped) and e.exit_code == EXIT_STOPPED) and accelerator.is_main_process \
-                and restore_previous_run(cfg.output_dir):
-            print(f"the run failed before its first best model: the previous run's outputs are back in "
-                  f"{cfg.output_dir}")
-        raise
+    """Train; write results.json and the trackers' summary."""
+    summary = train(cfg, plan, accelerator, model, tokenizer, datasets["train"], datasets["dev"], positive_id,
+                    tracker, fingerprint, resume_from, stop_requests, TrialReporter.from_env(accelerator, cfg))
     if accelerator.is_main_process:
         write_json(os.path.join(cfg.output_dir, RESULTS), summary)
     tracker.summarize({k if k.startswith("best_") else f"best_{k}": v for k, v in summary.items()
@@ -189,25 +133,25 @@ def run(cfg: RunConfig, stop_requests: StopRequests) -> None:
         with stop_requests.deferred():
             claim_output_dir(cfg, accelerator, lock)
             resume_from, wandb_id = prepare_resume(cfg, fingerprint, accelerator) if cfg.do_train else (None, None)
-            if cfg.do_train and not resume_from:
-                set_aside(cfg, accelerator)
-            phases = ["train"] if cfg.do_train else [p for p in ("test", "predict") if getattr(cfg, f"do_{p}")]
-            if accelerator.is_main_process:
-                for phase in phases:
-                    write_json(os.path.join(cfg.output_dir, PHASE_CONFIGS[phase]), {**cfg.to_dict(), **run_info})
-            tracker = Tracker(accelerator, cfg, run_info, resume_id=wandb_id)
+            # A fresh run sets a replaced run aside; from here any failure puts it back (run_folder.SetAside).
+            with SetAside(cfg.output_dir).guard(accelerator, fresh=cfg.do_train and not resume_from):
+                phases =     ["train"] if cfg.do_train else [p for p in ("test", "predict") if getattr(cfg, f"do_{p}")]
+                if accelerator.is_main_process:
+                    for phase in phases:
+                        write_json(os.path.join(cfg.output_dir, PHASE_CONFIGS[phase]), {**cfg.to_dict(), **run_info})
+                tracker = Tracker(accelerator, cfg, run_info, resume_id=wandb_id)
 
-            # --- train ---
-            summary = {}
-            if cfg.do_train:
-                encode_datasets({k: datasets[k] for k in ("train", "dev")}, tokenizer, cfg, accelerator)
-                if cfg.torch_compile:
-                    model.compile()  # in place: parameter names (and so saved checkpoints) stay those of the model
-                summary = train_phase(cfg, plan, accelerator, model, tokenizer, datasets, positive_id, tracker,
-                                      fingerprint, resume_from, stop_requests)
-                # Drop the training model and optimizer state before the best model is loaded.
-                model = None
-                accelerator.free_memory()
+                # --- train ---
+                summary = {}
+                if cfg.do_train:
+                    encode_datasets({k: datasets[k] for k in ("train", "dev")}, tokenizer, cfg, accelerator)
+                    if cfg.torch_compile:
+                        model.compile()  # in place: parameter names (and so saved checkpoints) stay those of the model
+                    summary = train_phase(cfg, plan, accelerator, model, tokenizer, datasets, positive_id, tracker,
+                                          fingerprint, resume_from, stop_requests)
+                    # Drop the training model and optimizer state before the best model is loaded.
+                    model = None
+                    accelerator.free_memory()
 
         # --- test and predict, with the best model loaded once ---
         written = []

@@ -29,7 +29,8 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from .errors import UserError, exit_status, log_errors_to
+from .errors import CommandParser, UserError, log_errors_to
+from .preemption import run_command
 
 DEFAULT_URL = "https://storage.googleapis.com/cluebenchmark/tasks/afqmc_public.zip"
 DEFAULT_OUTPUT_DIR = "data/afqmc_public"
@@ -184,15 +185,8 @@ def download(url: str, output_dir: Path, force: bool = False) -> str:
     return f"saved {names} to {output_dir} (sha256 verified)"
 
 
-class _Parser(argparse.ArgumentParser):
-    """Errors are one `error: ...` line (a UserError), as everywhere in the tool, not usage + message."""
-
-    def error(self, message):
-        raise UserError(f"{message} (see --help)")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = _Parser(prog="python -m afqmc_dist.download", allow_abbrev=False,
+    parser = CommandParser(prog="python -m afqmc_dist.download",
                      description="Download and verify the public AFQMC split (train/dev/test.json).")
     parser.add_argument("--url", default=DEFAULT_URL, help="where afqmc_public.zip is (http, https or file://)")
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR, help="folder for the three files")
@@ -210,7 +204,7 @@ def run(argv: list[str] | None = None) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the download; return the exit status (0 done or already present, 2 for an error, printed as one line;
     see errors.exit_status)."""
-    return exit_status(lambda: run(argv))
+    return run_command(lambda: run(argv))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .outputs import free_mib
+from .files import free_mib
 from .pairs import PairExample
 
 

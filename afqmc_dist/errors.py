@@ -21,8 +21,10 @@ launcher, which prints the line once, last, and exits with the tool's own status
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import traceback
@@ -42,14 +44,46 @@ class UserError(Exception):
     """
 
 
-class TrainingStopped(Exception):
+class CommandParser(argparse.ArgumentParser):
+    """argparse for the tool's commands: a bad flag is one `error: ...` line (a UserError) like every other
+    error, not the usage followed by a message (--help still shows the usage)."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # a prefix of a flag is a typo, not a flag
+        super().__init__(**kwargs)
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+class TrainingStopped(BaseException):
     """Training ended before its last step, on every rank at the same step; the message says why and what was
     kept. `exit_code`: EXIT_STOPPED after a stop signal, EXIT_NONFINITE after a non-finite loss, EXIT_PRUNED for
-    a pruned sweep trial."""
+    a pruned sweep trial.
+
+    A BaseException, as KeyboardInterrupt is: a stop signal can raise it anywhere (during an import, inside a
+    library call), and a library's `except Exception` must not turn it into some other error or swallow it."""
 
     def __init__(self, message: str, exit_code: int = EXIT_NONFINITE):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+_URL_PASSWORD = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://[^\s/:@]*):[^\s@/]+@")
+
+
+def mask_secrets(text: str) -> str:
+    """`text` with the password of every URL in it (`scheme://user:PASSWORD@host`) replaced by `***`: for every
+    command line or message the tool records (error.log, the lock's holder file, a sweep's logs)."""
+    return _URL_PASSWORD.sub(r"\1:***@", text)
+
+
+def closest_option(name: str, options: list[str]) -> str:
+    """' (did you mean --x?)' for the option closest to a mistyped one, or ''."""
+    import difflib
+
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
 
 
 def first_line(error: BaseException) -> str:
@@ -59,7 +93,7 @@ def first_line(error: BaseException) -> str:
 
 
 _log_dir: str | None = None
-_running = False  # exit_status has started the run (see stop_while_starting)
+_taken_over = False  # the run handles stop signals itself now (see stop_while_starting)
 
 
 def log_errors_to(folder: str | None) -> None:
@@ -86,15 +120,23 @@ def _write_traceback() -> str:
         path = os.path.join(folder, name if folder == _log_dir else f"afqmc_dist-{os.getpid()}-{name}")
         try:
             with open(path, "w", encoding="utf-8") as f:
-                f.write(f"command: {' '.join(sys.argv)}\n\n{text}")
+                f.write(mask_secrets(f"command: {' '.join(sys.argv)}\n\n{text}"))
             return path
-        except OSError:
-            continue
+        except OSError:  # a full disk: no empty or cut-short log left behind, the next folder is tried
+            try:
+                os.remove(path)
+            except OSError:
+                pass
     return "nowhere: no folder could be written"
 
 
 def outcome(run: Callable[[], None]) -> tuple[int, str | None]:
-    """Run `run()` and return (exit status, the line to print or None)."""
+    """Run `run()` and return (exit status, the line to print or None; never a password: see mask_secrets)."""
+    status, line = _outcome(run)
+    return status, mask_secrets(line) if line else line
+
+
+def _outcome(run: Callable[[], None]) -> tuple[int, str | None]:
     prefix = f"[rank {_rank()}] " if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
     try:
         run()
@@ -111,26 +153,57 @@ def outcome(run: Callable[[], None]) -> tuple[int, str | None]:
     return EXIT_OK, None
 
 
-def stop_while_starting(signals=("SIGTERM", "SIGUSR1", "SIGINT")) -> None:
-    """Until the run installs its own handlers (preemption.py), a stop signal while Python is still importing
-    torch and transformers (seconds) ends the process with one line and status 3, not a traceback or a bare 143.
-    Entry points call this before their heavy imports."""
+def stop_at_once(signum: int, frame, what: str) -> None:
+    """End the command for stop signal `signum` (a signal handler's arguments), with status 3 and one line.
+
+    In the middle of an import (torch, transformers, accelerate and matplotlib take seconds), the process exits at
+    once: an exception raised there leaves a module half-imported, and a later import fails in its place (numpy,
+    for one, then recurses without end). Anywhere else TrainingStopped is raised, so that the temporary files of
+    a write are removed on the way out (files.py). `what` ends its line: what was kept."""
+    import signal
+
+    name = signal.Signals(signum).name
+    if not _importing(frame):
+        raise TrainingStopped(f"{name} received: stopped at once ({what})", exit_code=EXIT_STOPPED)
+    line = f"stopped: {name} received while starting up ({what})"
+    status_dir = os.environ.get(STATUS_DIR_ENV)
+    if not (status_dir and _record_status(status_dir, EXIT_STOPPED, line)):
+        print(line, file=sys.stderr, flush=True)
+    os._exit(EXIT_STOPPED)
+
+
+def _importing(frame) -> bool:
+    """True when `frame` runs inside an import statement (its caller chain passes through importlib)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def stop_while_starting(signals=("SIGTERM", "SIGUSR1", "SIGINT")) -> dict:
+    """Until the run installs its own handlers (preemption.StopRequests), a stop signal (while Python is still
+    importing torch and transformers, say) ends the process with one line and status 3 (`stop_at_once`), not a
+    traceback or a bare 143. Every command calls this first, before its heavy imports. Returns the handlers it
+    replaced (signal -> handler), for a caller that runs in a process of its own making (a test) to put back."""
     import signal
 
     def stopped(signum, frame):
-        if _running:
+        if _taken_over:
             # The run handles stop signals itself (preemption.py) and puts this handler back when it ends: a
             # signal now (torchrun stopping the survivors of a failed process) must not replace its status.
             return
-        line = f"stopped: {signal.Signals(signum).name} received while starting up; nothing was written"
-        status_dir = os.environ.get(STATUS_DIR_ENV)
-        if not (status_dir and _record_status(status_dir, EXIT_STOPPED, line)):
-            print(line, file=sys.stderr, flush=True)
-        os._exit(EXIT_STOPPED)  # at once: an exception here could be swallowed by the import machinery
+        stop_at_once(signum, frame, "nothing was left half-written")
 
-    for name in signals:
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), stopped)
+    return {getattr(signal, name): signal.signal(getattr(signal, name), stopped)
+            for name in signals if hasattr(signal, name)}
+
+
+def signals_taken_over() -> None:
+    """Called when the run installs its own stop-signal handlers: from then on `stop_while_starting`'s handler,
+    which they put back when they end, ignores stop signals."""
+    global _taken_over
+    _taken_over = True
 
 
 def exit_status(run: Callable[[], None]) -> int:
@@ -142,8 +215,6 @@ def exit_status(run: Callable[[], None]) -> int:
     file holding its traceback. Under the project's launcher ($AFQMC_STATUS_DIR set), the status and line are
     written to the status folder instead, for the launcher to print once.
     """
-    global _running
-    _running = True
     status, line = outcome(run)
     status_dir = os.environ.get(STATUS_DIR_ENV)
     if status_dir and _record_status(status_dir, status, line):

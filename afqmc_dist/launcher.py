@@ -34,20 +34,39 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Self
 
-from .errors import EXIT_INTERNAL, EXIT_OK, EXIT_STOPPED, STATUS_DIR_ENV, UserError, first_line, outcome
+from .errors import (
+    EXIT_INTERNAL,
+    EXIT_OK,
+    EXIT_STOPPED,
+    STATUS_DIR_ENV,
+    UserError,
+    first_line,
+    outcome,
+    stop_while_starting,
+)
+from .preemption import handling
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 FORWARDED = (*STOP_SIGNALS, signal.SIGHUP, signal.SIGQUIT)
 # torch elastic logs every worker failure and shutdown step (errors and warnings, with tracebacks).
 QUIET_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher")
 POLL_SECONDS = 0.1
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now: a launch's rendezvous ($MAIN_PROCESS_PORT), unique among local runs."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -87,6 +106,8 @@ def verdict(records: dict[int, Record], exits: dict[int, int],
     - Some process recorded a non-zero status: the FIRST one written wins (ties: the lowest rank). When one rank
       fails, torch stops the others, whose own failures follow from it and are written later. A record without
       a line (ranks other than 0 after a stop: rank 0 says it) takes the line of a record with the same status.
+      Except: when every recorded failure is an unexpected error (4) and a process was killed by a signal nobody
+      in the launch sent (kill -9, the OOM killer), that death broke the others' collectives: it is the line.
     - Else some process ended non-zero without a record: 3 if a stop signal the launcher passed on ended it
       (before or after the training loop, which would have taken the stop), else 4. A death by SIGTERM (what torch
       sends to the other processes when one fails) is chosen only when there is no other.
@@ -94,19 +115,20 @@ def verdict(records: dict[int, Record], exits: dict[int, int],
     Every other process that died without a record, by a signal nobody in the launch sent (SIGKILL from the
     kernel's OOM killer, SIGSEGV, ...) or with a bare exit code, is named on a line of its own before the last.
     """
+    explained = (-signal.SIGTERM, *(-sig for sig in forwarded))  # torch's stop of the others, or the launcher's
     dead = {rank: code for rank, code in exits.items() if code != 0 and rank not in records}
+    killed = {rank: code for rank, code in dead.items() if code < 0 and code not in explained}
     failed = sorted((r for r in records.values() if r.status != EXIT_OK), key=lambda r: (r.written_ns, r.rank))
-    if failed:
+    if failed and not (killed and all(r.status == EXIT_INTERNAL for r in failed)):
         first, chosen = failed[0], None
         worded = [r.line for r in sorted(records.values(), key=lambda r: r.rank) if r.status == first.status and r.line]
         status = first.status
         line = first.line or next(iter(worded), f"error: rank {first.rank} ended with status {first.status}")
     elif dead:
-        chosen = min(dead, key=lambda r: (dead[r] == -signal.SIGTERM, r))
+        chosen = min(killed or dead, key=lambda r: (dead[r] == -signal.SIGTERM, r))
         status, line = _death(chosen, dead[chosen], forwarded)
     else:
         return EXIT_OK, []
-    explained = (-signal.SIGTERM, *(-sig for sig in forwarded))  # torch's stop of the others, or the launcher's
     notes = [_death(rank, code, ())[1] for rank, code in sorted(dead.items())
              if rank != chosen and code not in explained]
     return status, [*notes, line]
@@ -141,17 +163,15 @@ class Forwarder:
         self.signals = signals
         self.received: list[tuple[signal.Signals, set[int]]] = []  # (signal, children the terminal reached)
         self._sent: dict[int, int] = {}  # child pid -> how many of `received` it has been given
-        self._previous: dict = {}
+        self._handlers = ExitStack()
 
     def __enter__(self) -> Self:
-        for sig in self.signals:
-            if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup, or a background job of a script: keep ignoring
-                self._previous[sig] = signal.signal(sig, self._record)
+        # nohup, or a background job of a script: a signal ignored here stays ignored.
+        self._handlers.enter_context(handling(self.signals, self._record, keep_ignored=True))
         return self
 
     def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        self._handlers.close()
 
     def _record(self, signum, frame) -> None:
         sig = signal.Signals(signum)
@@ -242,13 +262,36 @@ def _exit_codes(raised: BaseException | None) -> dict[int, int]:
     raise raised
 
 
+def _one_line_error(message: str):
+    """argparse's error, as the tool's: one line (a UserError), not the 100-line usage of accelerate launch."""
+    raise UserError(f"accelerate launch: {message} (see accelerate launch --help)")
+
+
+def check_launch_arguments(args) -> None:
+    """What accelerate would only find out after it started (or would report with a traceback): the config file
+    must load with accelerate's own reader, and the number of processes must be a count."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    if args.config_file is not None:
+        try:
+            load_config_from_file(args.config_file)
+        except FileNotFoundError:
+            raise UserError(f"--config_file {args.config_file}: no such file") from None
+        except Exception as e:  # noqa: BLE001 - YAML/JSON errors, unknown keys (ValueError), wrong types
+            raise UserError(f"--config_file {args.config_file}: not an accelerate config ({first_line(e)})") from None
+    if args.num_processes is not None and args.num_processes < 1:
+        raise UserError(f"--num_processes must be at least 1, got {args.num_processes}")
+
+
 def launch(argv: list[str]) -> tuple[int, list[str]]:
     """Parse accelerate launch ARGV, run the launch, and return (exit status, lines to print: see `verdict`)."""
     from accelerate.commands.launch import launch_command_parser
 
     parser = launch_command_parser()
     parser.prog = "python -m afqmc_dist.launcher"
+    parser.error = _one_line_error
     args = parser.parse_args(argv)
+    check_launch_arguments(args)
     args.quiet = False  # see the module docstring
     for name in QUIET_LOGGERS:
         logger = logging.getLogger(name)
@@ -275,8 +318,13 @@ def launch(argv: list[str]) -> tuple[int, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     """Launch, print the tool's line (once, last on stderr) and return the tool's exit status."""
+    previous = stop_while_starting()  # accelerate and torch take seconds to import: a stop signal then is a line too
     result: list[tuple[int, list[str]]] = []
-    status, line = outcome(lambda: result.append(launch(sys.argv[1:] if argv is None else argv)))
+    try:
+        status, line = outcome(lambda: result.append(launch(sys.argv[1:] if argv is None else argv)))
+    finally:  # called in-process (tests): the caller's handlers come back
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     lines = [line] if line else []
     if result:
         status, lines = result[0]

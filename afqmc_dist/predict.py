@@ -31,28 +31,18 @@ import tempfile
 from pathlib import Path
 
 from .config import DEFAULT_EVAL_BATCH, RunConfig
-from .data import PairDataset, PairExample, PairSchema, make_eval_dataloader, read_pairs
-from .engine import make_accelerator, release_models
-from .errors import UserError, exit_status, log_errors_to
-from .evaluation import predict, prepare_for_inference
-from .model import check_model_fits, load_trained_model
-from .outputs import PREDICTIONS, prediction_record, write_predictions
-from .pairs import unencodable
-from .preemption import StopRequests
+from .errors import CommandParser, UserError, log_errors_to
+from .outputs import PREDICTIONS
+from .pairs import PairExample, PairSchema, read_pairs, unencodable
+from .predictions import prediction_record, write_predictions
+from .preemption import run_command
 
 STDOUT = "-"
 
 
-class _Parser(argparse.ArgumentParser):
-    """Errors are one `error: ...` line (a UserError), as everywhere in the tool, not usage + message."""
-
-    def error(self, message):
-        raise UserError(f"{message} (see --help)")
-
-
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, RunConfig]:
     """The flags, checked, and the RunConfig that the tool's data, loader and accelerator code expect."""
-    parser = _Parser(prog="python -m afqmc_dist.predict", description=__doc__, allow_abbrev=False,
+    parser = CommandParser(prog="python -m afqmc_dist.predict", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("pair", nargs="*", metavar="SENTENCE", help="the two sentences of one pair")
     parser.add_argument("--model", required=True, help="a folder written by the tool (OUTPUT_DIR/best)")
@@ -87,6 +77,8 @@ def check_files(input_path: str, output_path: str) -> None:
     if not os.path.isfile(input_path) or not os.access(input_path, os.R_OK):
         raise UserError(f"--input {input_path}: no such readable file")
     if output_path == STDOUT:
+        if sys.stdout is None or not _writable(sys.stdout):
+            raise UserError("--output -: standard output is closed; give a file, or run without closing it (>&-)")
         return
     if os.path.isdir(output_path):
         raise UserError(f"--output {output_path} is a folder: give a file name (or - for stdout)")
@@ -96,6 +88,14 @@ def check_files(input_path: str, output_path: str) -> None:
         raise UserError(f"--output {output_path}: cannot write this file ({existing} is not a writable folder)")
     if os.path.exists(output_path) and os.path.samefile(input_path, output_path):
         raise UserError(f"--output {output_path} is the --input file")
+
+
+def _writable(stream) -> bool:
+    try:
+        os.fstat(stream.fileno())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def check_sentences(pair: list[str]) -> None:
@@ -164,6 +164,12 @@ def write_stdout(examples, preds, label_list: list[str]) -> None:
 def run(argv: list[str] | None = None) -> None:
     """Predict the pair or the file; call on every rank (`predict` gathers across processes)."""
     args, cfg = parse_args(argv)
+    # The flags and files are checked: now the seconds of torch, transformers and accelerate.
+    from .data import PairDataset, make_eval_dataloader
+    from .engine import make_accelerator, release_models
+    from .evaluation import predict, prepare_for_inference
+    from .model import check_model_fits, load_trained_model
+
     to_file = args.output not in (None, STDOUT)
     log_errors_to(os.path.dirname(os.path.abspath(args.output)) if to_file else os.getcwd())
     if args.input is None:  # the pair goes through the same path as a one-line file, checked as a line is
@@ -201,11 +207,7 @@ def run(argv: list[str] | None = None) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run; return the exit status: 2 for a user error, printed as one `error:` line (see errors.exit_status). A
     stop signal ends it at once with status 3 (nothing is half-written: the output is renamed into place)."""
-    def whole_run() -> None:
-        with StopRequests():
-            run(argv)
-
-    return exit_status(whole_run)
+    return run_command(lambda: run(argv))
 
 
 if __name__ == "__main__":

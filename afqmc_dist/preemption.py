@@ -13,15 +13,29 @@ A second Ctrl-C quits at once (KeyboardInterrupt: exit status 130, one line, tem
 from __future__ import annotations
 
 import signal
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
+from contextlib import ExitStack, contextmanager
 from typing import Self
 
-import torch
-import torch.distributed as dist
-
-from .errors import EXIT_STOPPED, TrainingStopped
+from .errors import exit_status, signals_taken_over, stop_at_once, stop_while_starting
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, name))
+
+
+@contextmanager
+def handling(signals: Iterable[int], handler, keep_ignored: bool = False):
+    """`handler` for each of `signals` within the block, the previous handlers back after it. With
+    `keep_ignored`, a signal this process ignores (started with nohup, or as a script's background job) stays
+    ignored."""
+    previous = {}
+    try:
+        for sig in signals:
+            if not (keep_ignored and signal.getsignal(sig) is signal.SIG_IGN):
+                previous[sig] = signal.signal(sig, handler)
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 class StopRequests:
@@ -31,25 +45,26 @@ class StopRequests:
         self.accelerator = None
         self.received: str | None = None
         self.defer = False
-        self._previous: dict = {}
+        self._handlers = ExitStack()
         self._group = None
         if accelerator is not None:
             self.attach(accelerator)
 
     def attach(self, accelerator) -> None:
         """Call on every rank right after the Accelerator is made (creating the side group is a collective)."""
+        import torch.distributed as dist
+
         self.accelerator = accelerator
         if accelerator.num_processes > 1 and dist.get_backend() != "gloo":
             self._group = dist.new_group(backend="gloo")  # a CPU side channel next to NCCL
 
     def __enter__(self) -> Self:
-        for sig in STOP_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        signals_taken_over()
+        self._handlers.enter_context(handling(STOP_SIGNALS, self._handle))
         return self
 
     def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        self._handlers.close()
 
     @contextmanager
     def deferred(self):
@@ -65,14 +80,34 @@ class StopRequests:
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
         if not self.defer:
-            raise TrainingStopped(f"{self.received} received: stopped at once (no training was under way, so there "
-                                  "is no checkpoint to save, and nothing was left half-written)",
-                                  exit_code=EXIT_STOPPED)
+            stop_at_once(signum, frame, "no training was under way, so there is no checkpoint to save, and nothing "
+                                        "was left half-written")
 
     def requested(self) -> str | None:
         """The signal that asks this run to stop (on any rank), or None. Call on every rank at the same step."""
         if self.accelerator is None or self.accelerator.num_processes == 1:
             return self.received
+        import torch
+        import torch.distributed as dist
+
         flag = torch.tensor([int(self.received is not None)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         return (self.received or "a signal on another process") if flag.item() else None
+
+
+def run_command(work: Callable[[], None]) -> int:
+    """What every command's `main` does: stop signals handled from the first moment (one line, status 3, never a
+    traceback or a bare 143), the work done under the run's own stop handling (here: stop at once; temporary files
+    are removed on the way out), and the exit status of how it ended (errors.exit_status). Call it before any
+    heavy import: a command's module imports only what checking its flags needs."""
+    previous = stop_while_starting()
+
+    def whole() -> None:
+        with StopRequests():
+            work()
+
+    try:
+        return exit_status(whole)
+    finally:  # called in-process (tests): the caller's handlers come back
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -4,7 +4,7 @@
     python -m afqmc_dist.report outputs/lr1e-5 outputs/lr2e-5 --output_dir outputs/compare
     python -m afqmc_dist.report outputs/sweep        # a sweep folder -> sweep.md, sweep.png, best_config.yaml
 
-A sweep folder (one with sweep.json, written by `python -m afqmc_dist.sweep`) is reported by sweep_report.py.
+A sweep folder (one with sweep.json, written by `python -m afqmc_dist.sweep`) is reported by sweep/report.py.
 
 Each OUTPUT_DIR is a training run's folder: metrics.jsonl and results.json (run_config.json and test_results.json
 when present). report.png plots training loss, learning rate, dev accuracy and dev F1 over optimizer steps, one
@@ -23,11 +23,13 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .errors import UserError
-from .outputs import METRICS, RESULTS, RUN_CONFIG, TEST_RESULTS, atomic_open
+from .errors import CommandParser, UserError
+from .files import atomic_open, save_png
+from .outputs import METRICS, RESULTS, RUN_CONFIG, TEST_RESULTS
+from .preemption import run_command
 
 REPORT_MD, REPORT_PNG = "report.md", "report.png"
-SWEEP_MARKER = "sweep.json"  # sweep_study.SWEEP_JSON
+SWEEP_MARKER = "sweep.json"  # sweep/study.py's SWEEP_JSON
 PANELS = (("train/loss", "training loss"), ("train/learning_rate", "learning rate"),
           ("dev/accuracy", "dev accuracy"), ("dev/f1", "dev F1"))
 # Left out of the settings comparison: they differ between any two runs without saying anything about them.
@@ -35,7 +37,6 @@ PER_RUN_KEYS = {"output_dir", "run_name", "resume_from_checkpoint", "overwrite_o
 KEY_SETTINGS = ("model_checkpoint", "learning_rate", "num_train_epochs", "batch_size", "gradient_accumulation_steps",
                 "global_batch_size", "num_processes", "mixed_precision", "warmup_proportion", "weight_decay",
                 "max_seq_length", "seed", "num_parameters", "git_commit")
-DPI = 90  # ~1000 x 700 pixels: readable, and small enough to keep in a repository
 
 
 @dataclass
@@ -232,20 +233,7 @@ def draw(runs: list[Run]):
 
 def render_png(runs: list[Run], path: str) -> None:
     """Draw the curves of every run into `path` (PNG, through a temporary file). Needs matplotlib."""
-    save_figure(draw(runs), path)
-
-
-def save_figure(fig, path: str) -> None:
-    """Write a figure as PNG to `path` through a temporary file (a report being opened is never half-written)."""
-    tmp = f"{path}.tmp"
-    try:
-        fig.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_png(draw(runs), path)
 
 
 def report(folders: list[str], output_dir: str | None = None) -> None:
@@ -273,10 +261,9 @@ def report(folders: list[str], output_dir: str | None = None) -> None:
     print(f"wrote {png}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the report; return the exit status (0 written, 2 for an error, printed as one line)."""
-    parser = argparse.ArgumentParser(prog="python -m afqmc_dist.report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(argv: list[str] | None = None) -> None:
+    parser = CommandParser(prog="python -m afqmc_dist.report", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="OUTPUT_DIR",
                         help="a training run's --output_dir, or one sweep folder (see sweep.py)")
     parser.add_argument("--output_dir", help="where the report goes (default: the run's or sweep's folder for "
@@ -284,22 +271,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage", help="a sweep's study storage URL, if not the one in SWEEP_DIR/sweep.json "
                                           "(e.g. with its password)")
     args = parser.parse_args(argv)
-    try:
-        sweeps = [folder for folder in args.runs if os.path.isfile(os.path.join(folder, SWEEP_MARKER))]
-        if sweeps and len(args.runs) > 1:
-            raise UserError(f"{sweeps[0]} is a sweep folder: report it on its own")
-        if sweeps:
-            from .sweep_report import report as sweep_report  # Optuna and the sweep code: only for a sweep
+    sweeps = [folder for folder in args.runs if os.path.isfile(os.path.join(folder, SWEEP_MARKER))]
+    if sweeps and len(args.runs) > 1:
+        raise UserError(f"{sweeps[0]} is a sweep folder: report it on its own")
+    if sweeps:
+        from .sweep.report import report as sweep_report  # Optuna and the sweep code: only for a sweep
 
-            sweep_report(sweeps[0], args.output_dir, args.storage)
-        elif args.storage:
-            raise UserError("--storage is for a sweep folder (one with sweep.json)")
-        else:
-            report(args.runs, args.output_dir)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        sweep_report(sweeps[0], args.output_dir, args.storage)
+    elif args.storage:
+        raise UserError("--storage is for a sweep folder (one with sweep.json)")
+    else:
+        report(args.runs, args.output_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the report; return the exit status (0 written, 2 for an error, printed as one line)."""
+    return run_command(lambda: run(argv))
 
 
 if __name__ == "__main__":

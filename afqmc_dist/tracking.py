@@ -37,16 +37,25 @@ import os
 from accelerate.utils import broadcast_object_list
 
 from .errors import UserError, first_line
-from .outputs import BEST_DIR, METRICS, write_error
+from .files import write_error
+from .outputs import BEST_DIR, METRICS, MLFLOW_ARTIFACTS, MLFLOW_DB, TENSORBOARD_DIR
 
-TENSORBOARD_DIR, MLFLOW_DB, MLFLOW_ARTIFACTS = "tensorboard", "mlflow.db", "mlruns"
 MLFLOW_PARENT_ENV = "AFQMC_MLFLOW_PARENT_RUN_ID"
-# name: (shown as, package to import, how to get it going)
+# name: (shown as, package to import, how to install it, what else it needs to start)
 TRACKER_INFO = {
-    "wandb": ("W&B", "wandb", "`wandb login` or WANDB_MODE=offline to use it"),
-    "tensorboard": ("TensorBoard", "tensorboard", "pip install tensorboard to use it"),
-    "mlflow": ("MLflow", "mlflow", "pip install mlflow-skinny, and check MLFLOW_TRACKING_URI, to use it"),
+    "wandb": ("W&B", "wandb", "pip install wandb", "log in with `wandb login`, or set WANDB_MODE=offline"),
+    "tensorboard": ("TensorBoard", "tensorboard", "pip install tensorboard", None),
+    "mlflow": ("MLflow", "mlflow", "pip install mlflow-skinny", "check MLFLOW_TRACKING_URI"),
 }
+NOT_INSTALLED = "is not installed"
+
+
+def how_to_start(name: str, failure: str) -> str:
+    """What gets tracker `name` going after `failure`: installing it, or its set-up (a login, a URI)."""
+    _, _, install, setup = TRACKER_INFO[name]
+    return install if NOT_INSTALLED in failure or setup is None else setup
+
+
 # TensorBoard stores scalars as float32 unless asked for doubles (new_style keeps the step and wall time too).
 TENSORBOARD_SCALARS = {"new_style": True, "double_precision": True}
 
@@ -92,24 +101,20 @@ class Tracker:
         if failures and cfg.require_tracker:
             self.finish_trackers()
             name, failure = next(iter(failures.items()))
-            shown, _, hint = TRACKER_INFO[name]
-            raise UserError(f"--report_to {name}: {shown} did not start ({failure}); {hint.replace(' to use it', '')}"
-                            if name != "wandb" else
-                            f"--report_to wandb: W&B did not start ({failure}); log in with `wandb login`, "
-                            "or set WANDB_MODE=offline")
+            raise UserError(f"--report_to {name}: {TRACKER_INFO[name][0]} did not start ({failure}); "
+                            f"{how_to_start(name, failure)}")
         others = ", ".join([METRICS, *(TRACKER_INFO[n][0] for n in cfg.trackers if n in self.started)])
         for name, failure in failures.items():
-            shown, _, hint = TRACKER_INFO[name]
             where = f"{METRICS} only" if others == METRICS else others
-            self.accelerator.print(f"{shown} is off: it did not start ({failure}); metrics go to {where} "
-                                   f"({hint}, --require_tracker to stop)")
+            self.accelerator.print(f"{TRACKER_INFO[name][0]} is off: it did not start ({failure}); metrics go to "
+                                   f"{where} ({how_to_start(name, failure)} to use it, --require_tracker to stop)")
 
     # --- starting each tracker (main process) ---------------------------------------------------------------
 
     def _start(self, name: str, cfg, config: dict, resume_id: str | None):
         package = TRACKER_INFO[name][1]
         if importlib.util.find_spec(package) is None:
-            raise ModuleNotFoundError(f"{package} is not installed")
+            raise ModuleNotFoundError(f"{package} {NOT_INSTALLED}")
         return getattr(self, f"_start_{name}")(cfg, config, resume_id)
 
     def _start_wandb(self, cfg, config: dict, resume_id: str | None):
@@ -252,3 +257,49 @@ def _wandb_table(matrix: list[list[int]], labels: list[str]):
         for predicted, count in zip(labels, row):
             table.add_data(actual, predicted, count)
     return table
+
+
+# --- a sweep's parent run -------------------------------------------------------------------------------------
+
+def mlflow_sweep_parent(sweep_dir: str, project: str, study_name: str, params: dict[str, str],
+                        parent_id: str | None) -> dict:
+    """The environment that nests every trial's MLflow run under the sweep's parent run (made here when
+    `parent_id` is None, with the searched `params` as its parameters): {} when MLflow is not installed or cannot
+    start (each trial's run then says that MLflow is off, or logs on its own). The store: MLFLOW_TRACKING_URI, by
+    default sqlite:///SWEEP_DIR/mlflow.db with artifacts in SWEEP_DIR/mlruns."""
+    try:
+        import mlflow
+    except ImportError:
+        return {}
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.join(os.path.abspath(sweep_dir), MLFLOW_DB)}"
+    if parent_id is None:
+        try:
+            client = mlflow.MlflowClient(uri)
+            experiment = client.get_experiment_by_name(project)
+            experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+                project, artifact_location=None if os.environ.get("MLFLOW_TRACKING_URI")
+                else os.path.join(os.path.abspath(sweep_dir), MLFLOW_ARTIFACTS))
+            run = client.create_run(experiment_id, run_name=study_name, tags={"afqmc.sweep": study_name})
+            for name, value in params.items():
+                client.log_param(run.info.run_id, name, value)
+            parent_id = run.info.run_id
+        except Exception as e:  # noqa: BLE001 - MLflow raises many types
+            print(f"MLflow: the sweep's parent run could not be made ({type(e).__name__}: {first_line(e)}); "
+                  "each trial's run is logged on its own", flush=True)
+            return {}
+    return {"MLFLOW_TRACKING_URI": uri, MLFLOW_PARENT_ENV: parent_id}
+
+
+def close_mlflow_sweep_parent(env: dict, metric: str, best_value: float | None) -> None:
+    """When the study has all its trials: the parent run gets the best value and is marked finished."""
+    if MLFLOW_PARENT_ENV not in env:
+        return
+    try:
+        import mlflow
+
+        client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+        if best_value is not None:
+            client.log_metric(env[MLFLOW_PARENT_ENV], metric, best_value)
+        client.set_terminated(env[MLFLOW_PARENT_ENV])
+    except Exception as e:  # noqa: BLE001 - the study is done whatever MLflow says
+        print(f"MLflow: the sweep's parent run could not be closed ({type(e).__name__}: {first_line(e)})", flush=True)

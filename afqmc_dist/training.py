@@ -23,11 +23,13 @@ from accelerate.utils import broadcast_object_list
 from torch import nn
 from tqdm.auto import tqdm
 
+from .best_model import save_best_model
 from .checkpoints import TrainState, save_checkpoint
 from .data import make_eval_dataloader, make_train_dataloader
 from .errors import EXIT_PRUNED, EXIT_STOPPED, TrainingStopped
 from .evaluation import evaluate, loggable
-from .outputs import RESULTS, save_best_model, write_json
+from .files import write_json
+from .outputs import RESULTS
 from .preemption import StopRequests
 from .resume import load_checkpoint
 from .sampling import micro_batches_per_epoch

@@ -19,6 +19,7 @@ export ACCELERATE_USE_CPU=1
 # Each process would otherwise start one thread per core: NPROC processes would oversubscribe the cores.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 NPROC="${NPROC:-2}"   # --multi_gpu needs at least 2
+[[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || { echo "cpu_debug_2proc.sh: NPROC must be a whole number >= 1, got '$NPROC'" >&2; exit 2; }
 # Two debug jobs on one machine need different ports.
 MAIN_PROCESS_PORT="${MAIN_PROCESS_PORT:-29500}"
 

@@ -16,6 +16,7 @@ if [[ -z "${NPROC:-}" ]]; then
     (( NPROC > 0 )) || {
         echo "multi_gpu.sh: torch sees no GPU: set NPROC, or use launch/cpu_debug_2proc.sh on a CPU" >&2; exit 2; }
 fi
+[[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || { echo "multi_gpu.sh: NPROC must be a whole number >= 1, got '$NPROC'" >&2; exit 2; }
 # accelerate refuses --multi_gpu with fewer than 2 processes: a 1-GPU node runs a plain single process.
 MODE=()
 if (( NPROC > 1 )); then MODE=(--multi_gpu); fi

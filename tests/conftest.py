@@ -7,6 +7,7 @@ when it is absent.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -34,6 +35,13 @@ PLANTED = "花"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one; bench/gpu_check.sh runs them)")
+
+
+def requires(*packages: str):
+    """Mark a test that needs optional packages (the trackers, Optuna, matplotlib, a database driver): where one
+    is not installed (a cluster's pinned image, say) the test is skipped, naming it. Every other test runs."""
+    missing = [name for name in packages if importlib.util.find_spec(name) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)}, which is not installed")
 
 
 def pytest_collection_modifyitems(config, items):

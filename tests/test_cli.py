@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import FILLER, PLANTED, last_error_line, run_tool, synthetic_pairs, write_jsonl
+from conftest import FILLER, PLANTED, last_error_line, requires, run_tool, synthetic_pairs, write_jsonl
 
 from afqmc_dist.cli import main
 from afqmc_dist.tiny_model import SPECIAL_TOKENS, build_tiny_bert
@@ -152,6 +152,7 @@ def test_testing_with_other_labels_than_the_model_was_trained_with_is_refused(tr
     assert not (out / "test_results.json").read_text().count('"b"')  # the earlier results are untouched
 
 
+@requires("wandb")
 def test_required_wandb_without_a_login_or_offline_mode_is_one_clear_error(model_dir, data, tmp_path, monkeypatch,
                                                                            capsys):
     for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR"):

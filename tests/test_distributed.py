@@ -10,7 +10,7 @@ import os
 import shutil
 
 import pytest
-from conftest import history, plain_hf_predict, read_jsonl, run_tool, train_args
+from conftest import history, plain_hf_predict, read_jsonl, requires, run_tool, train_args
 from wandb_offline import read_run
 
 
@@ -63,21 +63,25 @@ def test_the_tools_own_one_process_evaluation_agrees(two_process_run, synthetic_
 
 def test_files_are_written_once_by_the_main_process(two_process_run):
     out, _ = two_process_run
-    names = sorted(os.listdir(out))
+    names = sorted(set(os.listdir(out)) - {"wandb"})  # W&B's own folder, where W&B is installed: see below
     # .afqmc.lock: the folder's lock file (runlock.py), free again: flock locks are released, not deleted
     assert names == [".afqmc.lock", "best", "metrics.jsonl", "predictions.jsonl", "results.json", "run_config.json",
-                     "test_results.json", "wandb"]
+                     "test_results.json"]
     steps = [r["step"] for r in history(out, "train")]
     assert steps == sorted(set(steps)), "each training record once"
-    runs = [d for d in os.listdir(out / "wandb") if d.startswith("offline-run-")]
-    assert len(runs) == 1, "one W&B run for the whole job, from the main process"
-    assert any(f.endswith(".wandb") for f in os.listdir(out / "wandb" / runs[0]))
 
 
-def test_one_progress_bar_and_one_wandb_run_holding_the_results(two_process_run):
-    out, result = two_process_run
+def test_one_progress_bar_drawn_by_the_local_main_process(two_process_run):
+    _, result = two_process_run
     assert result.stderr.count("train:   0%") == 1, "the progress bar is drawn by the local main process only"
     assert "samples_s=" in result.stderr and "lr=" in result.stderr and "loss=" in result.stderr
+
+
+@requires("wandb")
+def test_one_wandb_run_from_the_main_process_holds_the_results(two_process_run):
+    out, _ = two_process_run
+    runs = [d for d in os.listdir(out / "wandb") if d.startswith("offline-run-")]
+    assert len(runs) == 1, "one W&B run for the whole job, from the main process"
     (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
     summary, config, rows = read_run(run_file)
     results = json.loads((out / "results.json").read_text())
@@ -101,8 +105,7 @@ def test_learning_rate_follows_the_linear_schedule_under_two_processes(two_proce
     """accelerate steps a prepared scheduler once per process per optimizer step: the horizon must account for it.
     128 optimizer steps, warm-up 10% (12 steps), peak 1e-3, linear decay to 0 at step 128."""
     out, _ = two_process_run
-    (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
-    lr = {row["_step"]: row["train/learning_rate"] for row in read_run(run_file)[2] if "train/learning_rate" in row}
+    lr = {record["step"]: record["learning_rate"] for record in history(out, "train")}
     assert lr[8] == pytest.approx(1e-3 * 8 / 12)
     assert lr[16] == pytest.approx(1e-3 * (128 - 16) / (128 - 12))
     assert lr[128] == 0

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, train_args
 
 from afqmc_dist import errors
 from afqmc_dist.errors import EXIT_INTERNAL, TrainingStopped, UserError, exit_status, log_errors_to
@@ -72,3 +77,68 @@ def test_under_the_launcher_the_status_and_line_go_to_the_status_folder_instead_
     assert capsys.readouterr().err == ""
     assert json.loads((tmp_path / "rank1.json").read_text()) == {
         "rank": 1, "status": 2, "line": "[rank 1] error: data.json:3: not valid JSON"}
+
+
+# --- a stop signal in the first seconds, for every command ------------------------------------------------------
+
+def _is_python(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().startswith("python")
+    except OSError:
+        return False
+
+
+def _start_up_commands(trained_run, synthetic_data, tmp_path) -> dict[str, list[str]]:
+    out, _ = trained_run
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"base: {{model_checkpoint: {out / 'best'}, train_file: {synthetic_data['train']}, "
+                     f"dev_file: {synthetic_data['dev']}}}\nsearch_space: {{learning_rate: [0.001, 0.002]}}\n"
+                     "n_trials: 2\n", encoding="utf-8")
+    return {
+        "launch/cpu_debug.sh": ["bash", "launch/cpu_debug.sh", *map(str, train_args(
+            out / "best", synthetic_data, tmp_path / "run"))],
+        "afqmc_dist.predict": [sys.executable, "-m", "afqmc_dist.predict", "--model", str(out / "best"), "--input",
+                               str(synthetic_data["dev"]), "--output", str(tmp_path / "predictions.jsonl")],
+        "afqmc_dist.sweep": [sys.executable, "-m", "afqmc_dist.sweep", str(sweep), "--output_dir",
+                             str(tmp_path / "sweep")],
+        "afqmc_dist.report": [sys.executable, "-m", "afqmc_dist.report", str(out), "--output_dir",
+                              str(tmp_path / "report")],
+    }
+
+
+@pytest.mark.parametrize("command", ["launch/cpu_debug.sh", "afqmc_dist.predict", "afqmc_dist.sweep",
+                                     "afqmc_dist.report"])
+def test_a_stop_signal_while_a_command_starts_up_is_one_line_and_status_3(command, trained_run, synthetic_data,
+                                                                          tmp_path):
+    """SIGTERM in the first second (the interpreter importing torch, accelerate, Optuna or matplotlib) used to
+    end these commands with status 143 and no word; train.py already said why and exited 3."""
+    args = _start_up_commands(trained_run, synthetic_data, tmp_path)[command]
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                                    "WANDB_MODE": "disabled"})
+    while not _is_python(process.pid):  # a launch script: bash hands over to Python (exec) within milliseconds
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.005)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == 3, stderr[-3000:]
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("stopped: SIGTERM received") and sum("stopped:" in line for line in lines) == 1
+    assert not [path for path in tmp_path.rglob("*") if path.name.endswith(".tmp")]
+
+
+def test_a_password_in_the_command_line_never_reaches_error_log(tmp_path, monkeypatch, capsys):
+    """`--storage postgresql://user:PASSWORD@host/db` on a sweep's command line: error.log recorded it in clear
+    (the messages and sweep.json already masked it)."""
+    monkeypatch.setattr(sys, "argv", ["python -m afqmc_dist.sweep", "s.yaml", "--storage",
+                                      "postgresql://optuna:s3cr%40t@db.example:5432/studies"])
+    log_errors_to(str(tmp_path))
+
+    assert exit_status(fail_with(RuntimeError("postgresql://optuna:s3cr%40t@db.example/studies refused"))) == 4
+
+    text = (tmp_path / "error.log").read_text(encoding="utf-8")
+    assert "s3cr" not in text and "s3cr" not in capsys.readouterr().err
+    assert "--storage postgresql://optuna:***@db.example:5432/studies" in text

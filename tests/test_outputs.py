@@ -20,11 +20,13 @@ from conftest import (
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from afqmc_dist.best_model import save_best_model
 from afqmc_dist.cli import main
 from afqmc_dist.errors import UserError
 from afqmc_dist.evaluation import classification_metrics
-from afqmc_dist.outputs import find_best_dir, replace_dir, save_best_model
-from afqmc_dist.outputs import write_jsonl as atomic_write_jsonl
+from afqmc_dist.files import replace_dir
+from afqmc_dist.files import write_jsonl as atomic_write_jsonl
+from afqmc_dist.run_folder import find_best_dir
 
 
 def test_best_model_is_a_complete_hugging_face_folder(trained_run):

@@ -222,6 +222,17 @@ def test_output_dash_streams_one_json_line_per_pair_on_stdout(one_process, train
     assert os.listdir(tmp_path) == ["pairs.json"]
 
 
+def test_output_dash_with_standard_output_closed_is_one_line(trained_run, synthetic_data):
+    out, _ = trained_run
+    command = " ".join([sys.executable, "-m", "afqmc_dist.predict", "--model", str(out / "best"), "--input",
+                        str(synthetic_data["dev"]), "--output", "-"])
+    result = subprocess.run(["bash", "-c", f"{command} >&-"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "error: --output -: standard output is closed; give a file, or run without closing it (>&-)"]
+
+
 def test_a_sentence_in_another_encoding_than_utf8_is_refused(trained_run):
     """A GBK terminal passes GBK bytes: Python keeps each byte that is not UTF-8 as a lone surrogate."""
     out, _ = trained_run

@@ -13,9 +13,9 @@ import pytest
 from conftest import ROOT, free_port
 
 from afqmc_dist.errors import UserError
-from afqmc_dist.pruning import METRIC_ENV, PRUNER_ENV, STORAGE_ENV, STUDY_ENV, TRIAL_ENV, TrialReporter
+from afqmc_dist.sweep.pruning import METRIC_ENV, PRUNER_ENV, STORAGE_ENV, STUDY_ENV, TRIAL_ENV, TrialReporter
 
-optuna = pytest.importorskip("optuna")
+optuna = pytest.importorskip("optuna", reason="needs optuna, which is not installed")
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 MEDIAN = json.dumps({"type": "median", "n_startup_trials": 1, "n_warmup_steps": 0})
@@ -79,7 +79,7 @@ def test_outside_a_sweep_there_is_no_reporter_and_incomplete_settings_are_refuse
 
 def test_a_plain_run_imports_no_sweep_or_tracker_package():
     # The GPU machines have none of them: the training path must not need them unless asked for.
-    code = ("import sys; import afqmc_dist.cli, afqmc_dist.pruning, afqmc_dist.tracking; "
+    code = ("import sys; import afqmc_dist.cli, afqmc_dist.sweep.pruning, afqmc_dist.tracking; "
             "print(sorted(m for m in ('optuna', 'mlflow', 'tensorboard', 'wandb') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -89,7 +89,7 @@ def test_a_plain_run_imports_no_sweep_or_tracker_package():
 SCRIPT = """
 import sys
 from accelerate import Accelerator
-from afqmc_dist.pruning import TrialReporter
+from afqmc_dist.sweep.pruning import TrialReporter
 
 accelerator = Accelerator(cpu=True)
 reporter = TrialReporter.from_env(accelerator, cfg=None)

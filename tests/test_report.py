@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import ROOT, read_jsonl, run_tool, train_args
+from conftest import ROOT, read_jsonl, requires, run_tool, train_args
 
 from afqmc_dist.report import main
 
@@ -41,6 +41,7 @@ def table_row(markdown: str, first_cell: str) -> list[str]:
     return [cell.strip() for cell in rows[0].strip("|").split("|")]
 
 
+@requires("matplotlib")
 def test_two_runs_are_overlaid_in_one_png_and_compared_in_report_md(two_runs, tmp_path, capsys):
     import matplotlib.image
 
@@ -72,6 +73,7 @@ def test_two_runs_are_overlaid_in_one_png_and_compared_in_report_md(two_runs, tm
     assert capsys.readouterr().out.splitlines() == [f"wrote {out / 'report.md'}", f"wrote {png}"]
 
 
+@requires("matplotlib")
 def test_one_run_is_reported_in_its_own_folder_with_the_confusion_matrix_of_its_best_evaluation(two_runs, tmp_path):
     run = copy_run(two_runs["1e-3"], tmp_path / "run")
     assert main([str(run)]) == 0
@@ -134,6 +136,7 @@ def test_a_sweep_folder_is_reported_on_its_own_and_storage_is_for_sweeps_only(tw
     assert sorted(p.name for p in sweep.iterdir()) == ["sweep.json"]
 
 
+@requires("matplotlib")
 def test_the_figure_has_a_title_a_majority_guess_line_and_a_learning_rate_in_powers_of_ten(two_runs):
     from matplotlib.ticker import ScalarFormatter
 

@@ -19,11 +19,13 @@ from afqmc_dist.steps import finite_or_none, is_finite, optimizer_step
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
-def prepared(accelerator):
+def prepared(accelerator, fused: bool = False):
+    """A linear model, AdamW (fused: one kernel, as make_optimizer builds it) and a schedule whose learning rate
+    halves at every step it takes, so that the learning rate says how many steps the schedule counted."""
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
     return accelerator.prepare(model, optimizer, scheduler)
 
 
@@ -31,25 +33,33 @@ def weights(model) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-def test_with_a_grad_scaler_overflowing_steps_are_left_to_the_scaler_which_lowers_its_scale():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused AdamW", "for-loop AdamW"])
+def test_with_a_grad_scaler_overflowing_steps_are_skipped_by_the_scaler_and_reported(fused):
     """Two steps whose gradients overflow, then a normal one. The scaler skips the first two and halves its scale
-    each time; the third goes through. Skipping `optimizer.step()` ourselves left the scaler un-updated: its scale
-    stuck (and on a GPU the next `unscale_` raised "unscale_() has already been called")."""
+    each time; the third goes through. Each skip is reported and leaves the learning rate where it was.
+
+    Skipping `optimizer.step()` ourselves left the scaler un-updated: its scale stuck (and on a GPU the next
+    `unscale_` raised "unscale_() has already been called"). With the fused AdamW that make_optimizer builds, the
+    scaler calls the optimizer's step even on an overflow (the kernel skips the update itself), so accelerate's
+    `step_was_skipped` read False: the skip went unreported and the schedule advanced past an update that never
+    happened."""
     accelerator = Accelerator(cpu=True)
     accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
-    model, optimizer, scheduler = prepared(accelerator)
-    start, outcomes, scales = weights(model), [], []
+    model, optimizer, scheduler = prepared(accelerator, fused)
+    start, outcomes, scales, rates = weights(model), [], [], []
 
     for factor in (math.inf, math.inf, 1.0):
         accelerator.backward(model(torch.ones(1, 3)).sum() * factor)
         outcomes.append(optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm=1.0,
                                        skip_nonfinite=True).skipped)
         scales.append(accelerator.scaler.get_scale())
+        rates.append(scheduler.get_last_lr()[0])
         if factor != 1.0:
             assert all(torch.equal(a, b) for a, b in zip(start, weights(model))), "a skipped step changed nothing"
 
     assert outcomes == [True, True, False]
     assert scales == [2.0**15, 2.0**14, 2.0**14]
+    assert rates == [0.1, 0.1, 0.05], "only the step that updated moved the schedule"
     assert not all(torch.equal(a, b) for a, b in zip(start, weights(model))), "the third step updated the weights"
 
 
@@ -61,10 +71,12 @@ def test_without_a_scaler_skip_nonfinite_skips_exactly_the_non_finite_update():
     accelerator.backward(model(torch.ones(1, 3)).sum() * math.inf)
     first = optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm=1.0, skip_nonfinite=True)
     unchanged = all(torch.equal(a, b) for a, b in zip(start, weights(model)))
+    rate_after_first = scheduler.get_last_lr()[0]
     accelerator.backward(model(torch.ones(1, 3)).sum())
     second = optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm=1.0, skip_nonfinite=True)
 
     assert first.skipped and not is_finite(first.grad_norm) and unchanged
+    assert rate_after_first == 0.1, "a skipped update leaves the schedule where it was"
     assert not second.skipped and is_finite(second.grad_norm)
     assert not all(torch.equal(a, b) for a, b in zip(start, weights(model)))
 

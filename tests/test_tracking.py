@@ -8,7 +8,7 @@ import json
 import math
 
 import pytest
-from conftest import history, read_jsonl, run_tool
+from conftest import history, read_jsonl, requires, run_tool
 from wandb_offline import read_run, records
 
 from afqmc_dist.cli import main
@@ -45,10 +45,11 @@ def tensorboard_values(folder) -> dict[tuple[str, int], float]:
     return values
 
 
+@requires("tensorboard", "mlflow", "wandb")
 def test_tensorboard_mlflow_and_wandb_each_get_the_numbers_of_metrics_jsonl_the_config_and_the_summary(
         tiny_model, synthetic_data, tmp_path):
-    pytest.importorskip("tensorboard")
-    mlflow = pytest.importorskip("mlflow")
+    import mlflow
+
     out = tmp_path / "out"
     result = run_tool(short_run(tiny_model, synthetic_data, out, "--learning_rate", "2e-3", "--eval_steps", "2",
                                 trackers="tensorboard,mlflow,wandb"), env={"WANDB_MODE": "offline"})
@@ -84,7 +85,7 @@ def test_tensorboard_mlflow_and_wandb_each_get_the_numbers_of_metrics_jsonl_the_
 
 def test_a_tracker_that_cannot_start_is_one_line_and_the_run_goes_on_unless_require_tracker(
         tiny_model, synthetic_data, tmp_path, monkeypatch, capsys):
-    pytest.importorskip("mlflow")
+    """Where MLflow is not installed it cannot start either: the same lines follow."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchscheme://nowhere")
     out = tmp_path / "out"
     assert main(short_run(tiny_model, synthetic_data, out, trackers="mlflow")) == 0
@@ -96,10 +97,12 @@ def test_a_tracker_that_cannot_start_is_one_line_and_the_run_goes_on_unless_requ
                           trackers="mlflow")) == 2
     (error,) = capsys.readouterr().err.splitlines()
     assert error.startswith("error: --report_to mlflow: MLflow did not start (")
+    # It ends with what to do: set the URI up, or install MLflow where it is missing.
+    assert error.endswith(("); check MLFLOW_TRACKING_URI", "); pip install mlflow-skinny"))
 
 
+@requires("tensorboard")
 def test_numbers_that_are_not_finite_are_left_out_of_metrics_jsonl_and_every_tracker(tmp_path):
-    pytest.importorskip("tensorboard")
     from accelerate import Accelerator
 
     from afqmc_dist.config import RunConfig
@@ -123,6 +126,7 @@ def test_numbers_that_are_not_finite_are_left_out_of_metrics_jsonl_and_every_tra
                                                             ("train_steps", 4): 4.0}
 
 
+@requires("wandb")
 def test_wandb_without_a_login_or_offline_mode_says_why_and_the_run_goes_on(tiny_model, synthetic_data, tmp_path,
                                                                            monkeypatch, capsys):
     for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR"):
@@ -138,6 +142,7 @@ def test_wandb_without_a_login_or_offline_mode_says_why_and_the_run_goes_on(tiny
     assert (out / "best").is_dir() and len(history(out)) == 1 and len(history(out, "train")) == 2
 
 
+@requires("wandb")
 def test_offline_run_carries_group_tags_confusion_matrix_and_the_best_model_artifact(tiny_model, synthetic_data,
                                                                                     tmp_path):
     out = tmp_path / "out"

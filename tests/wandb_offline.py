@@ -11,13 +11,14 @@ import json
 import struct
 from pathlib import Path
 
-from wandb.proto import wandb_internal_pb2
-
 HEADER, BLOCK, RECORD_HEADER = 7, 32 * 1024, 7
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
-def records(path: Path) -> list[wandb_internal_pb2.Record]:
+def records(path: Path) -> list:
+    """The `wandb_internal_pb2.Record`s of a run file (tests that call this are marked `requires("wandb")`)."""
+    from wandb.proto import wandb_internal_pb2
+
     data = Path(path).read_bytes()
     assert data[:4] == b":W&B", f"{path} is not a W&B run file"
     out, pending, pos = [], b"", HEADER

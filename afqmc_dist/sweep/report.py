@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import yaml
 
-from .errors import UserError, first_line
-from .outputs import atomic_open
-from .report import save_figure
-from .sweep_runs import trial_dir
-from .sweep_study import IDENTITY_ATTR, STUDY_DB, SWEEP_JSON, Ledger, mask_password
+from ..errors import UserError, first_line, mask_secrets
+from ..files import atomic_open, save_png
+from .ledger import Ledger
+from .runs import trial_dir
+from .study import IDENTITY_ATTR, STUDY_DB, SWEEP_JSON, folder_storage, make_storage
 
 SWEEP_MD, SWEEP_PNG, BEST_CONFIG, BEST_RUN = "sweep.md", "sweep.png", "best_config.yaml", "best-run"
 TOP_TRIALS = 8  # in the seed-spread panel
@@ -87,18 +87,19 @@ def load_sweep_dir(folder: str, storage: str | None = None) -> Sweep:
         name, stored = info["study_name"], info["storage"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{os.path.join(folder, SWEEP_JSON)}: cannot read it ({first_line(e)})") from None
-    url = storage or stored
-    if storage is None and stored.startswith("sqlite") and not os.path.isfile(os.path.join(folder, STUDY_DB)) \
-            and os.path.basename(stored) == STUDY_DB:
+    url = storage or folder_storage(folder, stored)
+    if storage is None and stored == STUDY_DB and not os.path.isfile(os.path.join(folder, STUDY_DB)):
         raise UserError(f"{folder}: no {STUDY_DB}")
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.load_study(study_name=name, storage=url)
+        study = optuna.load_study(study_name=name, storage=make_storage(url))
         trials = study.get_trials(deepcopy=False)
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001 - a missing study, a refused connection, a missing driver
-        raise UserError(f"{folder}: cannot read study {name!r} from {mask_password(url)}: {first_line(e)} "
+        raise UserError(f"{folder}: cannot read study {name!r} from {mask_secrets(url)}: {first_line(e)} "
                         "(give the storage with --storage)") from None
     identity = study.user_attrs.get(IDENTITY_ATTR, {})
     ledger = Ledger(trials)
@@ -108,7 +109,7 @@ def load_sweep_dir(folder: str, storage: str | None = None) -> Sweep:
     order = {"complete": 0, "pruned": 1, "failed": 2}
     rows.sort(key=lambda r: (order[r.state], sign * r.value if r.value is not None else 0.0, r.slot))
     n_trials = _stored_n_trials(folder)
-    return Sweep(folder, name, mask_password(url), identity, n_trials, ledger.counts(), rows)
+    return Sweep(folder, name, mask_secrets(url), identity, n_trials, ledger.counts(), rows)
 
 
 def _stored_n_trials(folder: str) -> int | None:
@@ -287,7 +288,7 @@ def render_png(sweep: Sweep, path: str) -> None:
     ax.grid(alpha=0.3)
     for ax in axes[panels:]:
         ax.set_visible(False)
-    save_figure(fig, path)
+    save_png(fig, path)
 
 
 def report(folder: str, output_dir: str | None = None, storage: str | None = None) -> None:

@@ -7,6 +7,8 @@ for a retried trial the number of the trial it retries, so that a retry finds it
     seed-S.yaml     the run's options, given to the launcher as `--config seed-S.yaml`
     seed-S.log      the run's stdout and stderr (appended by each attempt)
     seed-S.json     how it ended: {"seed", "status", "line", "value", "seconds", "params", "results"}
+    trial.json      the study the folder belongs to ({"study", "study_uid", "slot"}): a folder of another study,
+                    or of one that is gone, is never resumed as this study's (study.py)
 
 Every run passes `--resume_from_checkpoint latest`: a retried seed continues from its last checkpoint (a fresh
 run starts afresh). A seed whose seed-S.json says it finished (status 0) with the same options is not run again.
@@ -19,7 +21,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import string
 import subprocess
 import sys
@@ -28,10 +29,12 @@ from dataclasses import asdict, dataclass
 
 import yaml
 
-from .errors import EXIT_INTERNAL, EXIT_OK, STATUS_DIR_ENV
-from .outputs import RESULTS
+from ..errors import EXIT_INTERNAL, EXIT_OK, STATUS_DIR_ENV, UserError, mask_secrets
+from ..files import atomic_open
+from ..launcher import free_port
+from ..outputs import RESULTS
 
-TRIALS = "trials"
+TRIALS, TRIAL_JSON = "trials", "trial.json"
 # Run in front of the launcher: the run gets SIGTERM when its worker dies (SIGKILL, the OOM killer), so that it
 # saves a checkpoint and frees its folder for the retry instead of training on unobserved (Linux; the kernel keeps
 # PR_SET_PDEATHSIG across exec).
@@ -46,6 +49,45 @@ def trial_dir(sweep_dir: str, slot: int) -> str:
     return os.path.join(sweep_dir, TRIALS, f"{slot:04d}")
 
 
+def _identity(study_name: str, uid: str, slot: int) -> dict:
+    return {"study": study_name, "study_uid": uid, "slot": slot}
+
+
+def claim_trial_dir(sweep_dir: str, slot: int, study_name: str, uid: str) -> str:
+    """SWEEP_DIR/trials/NNNN for the trial in `slot` of the study with id `uid`: made (with its trial.json), or
+    checked to be that trial's. UserError for a folder of another study: its checkpoints are not this trial's."""
+    folder = trial_dir(sweep_dir, slot)
+    expected = _identity(study_name, uid, slot)
+    if os.path.isdir(folder):
+        _check_identity(folder, expected)
+        return folder
+    os.makedirs(folder)
+    with atomic_open(os.path.join(folder, TRIAL_JSON)) as f:
+        json.dump(expected, f)
+    return folder
+
+
+def check_trial_folders(sweep_dir: str, study_name: str, uid: str) -> None:
+    """Every trial folder in SWEEP_DIR belongs to this study (see `claim_trial_dir`), or UserError."""
+    root = os.path.join(sweep_dir, TRIALS)
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        if name.isdigit():
+            _check_identity(os.path.join(root, name), _identity(study_name, uid, int(name)))
+
+
+def _check_identity(folder: str, expected: dict) -> None:
+    try:
+        with open(os.path.join(folder, TRIAL_JSON), encoding="utf-8") as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        recorded = None
+    if recorded != expected:
+        whose = "no study" if recorded is None else f"study {recorded.get('study')!r} (id {recorded.get('study_uid')})"
+        raise UserError(f"{folder} holds the runs of {whose}, not of trial {expected['slot']} of study "
+                        f"{expected['study']!r} (id {expected['study_uid']}): they would be resumed as this "
+                        "trial's; use a new sweep folder")
+
+
 @dataclass
 class SeedResult:
     seed: int
@@ -57,10 +99,8 @@ class SeedResult:
     results: dict
 
     def write(self, path: str) -> None:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_open(path) as f:
             json.dump(asdict(self), f, ensure_ascii=False, allow_nan=False, indent=1)
-        os.replace(tmp, path)
 
 
 def finished_seed(folder: str, params: dict) -> SeedResult | None:
@@ -73,13 +113,6 @@ def finished_seed(folder: str, params: dict) -> SeedResult | None:
     return record if record.status == EXIT_OK and record.params == params else None
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on now: a run's rendezvous ($MAIN_PROCESS_PORT), unique among local workers."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_seed(launcher: list[str], options: dict, folder: str, metric: str, params: dict, env: dict,
              started) -> SeedResult:
     """Run one seed's training (options -> FOLDER.yaml, output in FOLDER) through `launcher` and wait for it.
@@ -90,9 +123,8 @@ def run_seed(launcher: list[str], options: dict, folder: str, metric: str, param
     """
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     config_path, status_dir = f"{folder}.yaml", f"{folder}.status"
-    with open(f"{config_path}.tmp", "w", encoding="utf-8") as f:
+    with atomic_open(config_path) as f:
         yaml.safe_dump(options, f, allow_unicode=True, sort_keys=False)
-    os.replace(f"{config_path}.tmp", config_path)
     os.makedirs(status_dir, exist_ok=True)
     for old in glob.glob(os.path.join(status_dir, "rank*.json")):
         os.remove(old)
@@ -103,7 +135,8 @@ def run_seed(launcher: list[str], options: dict, folder: str, metric: str, param
         command = [sys.executable, "-c", _WATCHED, str(os.getpid()), *command]
     began = time.time()
     with open(f"{folder}.log", "a", encoding="utf-8") as log:
-        log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command[-(len(launcher) + 2):])}\n")
+        shown = mask_secrets(shlex.join(command[-(len(launcher) + 2):]))
+        log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {shown}\n")
         log.flush()
         # Its own session: a Ctrl-C in the worker's terminal reaches the worker only, which passes it on once.
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

@@ -1,7 +1,7 @@
 """Early stopping of hopeless sweep trials: a training run that is one seed of a sweep trial reports every dev
 evaluation to the study, and stops when the study's pruner says so.
 
-The sweep worker (sweep.py) starts each trial's first seed run with these environment variables (they pass
+The sweep worker (worker.py) starts each trial's first seed run with these environment variables (they pass
 through `accelerate launch` to every rank); without them a run is not a sweep trial and nothing here is used:
 
     AFQMC_SWEEP_STORAGE     the study's storage URL (sqlite:///..., postgresql://...)
@@ -28,24 +28,12 @@ import json
 import math
 import os
 
-from accelerate.utils import broadcast_object_list
-
-from .errors import UserError, first_line
+from ..errors import UserError, first_line
+from .spec import PRUNERS, make_pruner
 
 STORAGE_ENV, STUDY_ENV, TRIAL_ENV, METRIC_ENV, PRUNER_ENV = (
     "AFQMC_SWEEP_STORAGE", "AFQMC_SWEEP_STUDY", "AFQMC_SWEEP_TRIAL_ID", "AFQMC_SWEEP_METRIC", "AFQMC_SWEEP_PRUNER")
 METRICS = ("accuracy", "f1", "loss")
-# The sweep file's pruner names and the Optuna classes they stand for.
-PRUNERS = {"median": "MedianPruner", "percentile": "PercentilePruner", "hyperband": "HyperbandPruner",
-           "successive_halving": "SuccessiveHalvingPruner"}
-
-
-def make_pruner(spec: dict):
-    """The Optuna pruner for a sweep file's `pruner` entry: {"type": NAME, **keyword arguments of its class}."""
-    import optuna
-
-    kwargs = {k: v for k, v in spec.items() if k != "type"}
-    return getattr(optuna.pruners, PRUNERS[spec["type"]])(**kwargs)
 
 
 class TrialReporter:
@@ -88,6 +76,8 @@ class TrialReporter:
                 trial, number = _open_trial(storage, study_name, int(trial_id), make_pruner(pruner))
             except Exception as e:  # noqa: BLE001 - a database error can be of many types
                 problem = f"cannot open trial {trial_id} of sweep study {study_name!r}: {first_line(e)}"
+        from accelerate.utils import broadcast_object_list
+
         # The main process decides; every rank raises the same error, or none does.
         problem, number = broadcast_object_list([problem, number])
         if problem:
@@ -101,6 +91,8 @@ class TrialReporter:
         not reported (Optuna refuses it) and does not prune. A storage error is said in one line and does not
         stop the run: pruning only saves time, the trial's value comes from its results.
         """
+        from accelerate.utils import broadcast_object_list
+
         decision = False
         if self.accelerator.is_main_process:
             value = metrics.get(self.metric)
@@ -126,11 +118,12 @@ def _open_trial(storage: str, study_name: str, trial_id: int, pruner):
     that started this run keeps the trial's heartbeat)."""
     import optuna
 
+    from .study import make_storage
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    engine_kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}
     # The random sampler: this process samples nothing (the worker did), and it costs nothing to set up.
     study = optuna.load_study(study_name=study_name, pruner=pruner, sampler=optuna.samplers.RandomSampler(),
-                              storage=optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs))
+                              storage=make_storage(storage, heartbeat=None))
     # Trial(study, trial_id) is how Optuna's own integrations resume reporting to a trial made elsewhere.
     trial = optuna.trial.Trial(study, trial_id)
     return trial, trial.number

@@ -16,11 +16,11 @@
     objective: dev_accuracy            # dev_f1 | dev_loss (minimised)
     pruner: none                       # median | percentile | hyperband | successive_halving, or {type: ..., ...}
     launcher: python train.py          # or e.g. accelerate launch --config_file accelerate_config.yaml ... train.py
-    heartbeat_interval: 60             # seconds between a running trial's heartbeats
+    heartbeat_interval: 60             # seconds between a running trial's heartbeats (1 .. 3600)
     grace_period: 180                  # a trial with no heartbeat for this long is stale: it is run again
 
-sweep_file.py reads and checks it (`load_sweep`). Paths in the run options are made absolute, so that a launcher
-that changes folder still finds them.
+load.py reads and checks it (`load_sweep`). Paths in the run options are made absolute, so that a launcher that
+changes folder still finds them.
 """
 
 from __future__ import annotations
@@ -29,15 +29,20 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from .config import RunConfig
+from ..config import RunConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's folder
 KEYS = ("study_name", "base", "search_space", "seeds", "sampler", "n_trials", "objective", "pruner", "launcher",
         "heartbeat_interval", "grace_period")
 # objective -> (the dev metric, the study's direction)
 OBJECTIVES = {"dev_accuracy": ("accuracy", "maximize"), "dev_f1": ("f1", "maximize"),
               "dev_loss": ("loss", "minimize")}
 SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler"}
+# The sweep file's pruner names and the Optuna classes they stand for.
+PRUNERS = {"median": "MedianPruner", "percentile": "PercentilePruner", "hyperband": "HyperbandPruner",
+           "successive_halving": "SuccessiveHalvingPruner"}
+MAX_GRID = 1_000_000  # configurations: a grid is enumerated by Optuna, in memory
+HEARTBEAT_RANGE, GRACE_RANGE = (1, 3600), (2, 86_400)  # seconds
 # Options every trial run gets from the sweep: its folder, its seed, resuming its own checkpoint.
 SET_BY_SWEEP = ("output_dir", "seed", "resume_from_checkpoint", "overwrite_output_dir")
 PATH_OPTIONS = ("model_checkpoint", "train_file", "dev_file", "test_file", "predict_file", "cache_dir")
@@ -73,16 +78,24 @@ class Param:
             return trial.suggest_float(self.name, self.low, self.high, log=self.log, step=self.step)
         return trial.suggest_int(self.name, self.low, self.high, log=self.log, step=self.step or 1)
 
-    def grid_values(self) -> list | None:
-        """The values a grid takes, or None for a continuous range (no step)."""
+    def grid_size(self) -> int | None:
+        """How many values a grid takes (counted, not listed), or None for a continuous range (no step)."""
         if self.kind == "categorical":
-            return list(self.choices)
+            return len(self.choices)
         if self.step is None and self.kind == "float":
             return None
         step = self.step or 1
-        count = round((self.high - self.low) / step) + 1
-        return [self.low + i * step if self.kind == "int" else round(self.low + i * step, 12) for i in range(count)
-                if self.low + i * step <= self.high + 1e-12]
+        return int((self.high - self.low + 1e-12 * abs(step)) // step) + 1
+
+    def grid_values(self) -> list | None:
+        """The values a grid takes, or None for a continuous range (no step). Check `grid_size` first."""
+        if self.kind == "categorical":
+            return list(self.choices)
+        count = self.grid_size()
+        if count is None:
+            return None
+        step = self.step or 1
+        return [self.low + i * step if self.kind == "int" else round(self.low + i * step, 12) for i in range(count)]
 
     def corner_values(self) -> list:
         """The values checked against train.py's validation: both ends of a range, every choice."""
@@ -131,17 +144,27 @@ class SweepSpec:
         return {"base": self.base, "search_space": [p.as_dict() for p in self.space], "seeds": self.seeds,
                 "objective": self.objective, "sampler": self.sampler, "pruner": self.pruner}
 
-    def make_sampler(self, worker: int = 0):
-        """The study's sampler. Worker k (k > 0) seeds it with seed + k: workers with one seed would propose the
-        same configurations (a single worker's sequence stays repeatable)."""
+    @property
+    def sampler_seed(self) -> int | None:
+        """The sampler's `seed` in the sweep file, or None (Optuna then seeds it at random)."""
+        seed = self.sampler.get("seed")
+        return seed if isinstance(seed, int) else None
+
+    def make_sampler(self, seed: int | None = None):
+        """The study's sampler; `seed` replaces the sweep file's (each worker process draws with its own: see
+        study.claim_sampler_seed)."""
         import optuna
 
         kwargs = {k: v for k, v in self.sampler.items() if k != "type"}
-        if isinstance(kwargs.get("seed"), int) and worker:
-            kwargs["seed"] += worker
+        if seed is not None:
+            kwargs["seed"] = seed
         if self.sampler["type"] == "grid":
             kwargs["search_space"] = {p.name: p.grid_values() for p in self.space}
         return getattr(optuna.samplers, SAMPLERS[self.sampler["type"]])(**kwargs)
+
+    def make_pruner(self):
+        """The study's pruner (Optuna's NopPruner with `pruner: none`)."""
+        return make_pruner(self.pruner)
 
     def run_options(self, params: dict, seed: int, output_dir: str) -> dict:
         """The options of one seed's training run (what its config file holds)."""
@@ -149,6 +172,16 @@ class SweepSpec:
                    "resume_from_checkpoint": "latest"}
         options.setdefault("metric_for_best_model", self.metric)
         return absolute_paths(options)
+
+
+def make_pruner(entry: dict | None):
+    """The Optuna pruner for a sweep file's `pruner` entry: {"type": NAME, **keyword arguments of its class}."""
+    import optuna
+
+    if entry is None:
+        return optuna.pruners.NopPruner()
+    kwargs = {k: v for k, v in entry.items() if k != "type"}
+    return getattr(optuna.pruners, PRUNERS[entry["type"]])(**kwargs)
 
 
 def absolute_paths(options: dict) -> dict:

@@ -1,8 +1,9 @@
 """Reading a sweep file: every key checked, every problem one UserError naming the file, the line and the key.
 
-What the file holds is described in sweep_config.py. The run options are checked as train.py checks its config
-file (arguments.convert_file_values, RunConfig.validate), for the base and for both ends of every range and
-every choice; the launcher's program and the files it names must exist. Nothing is written.
+What the file holds is described in spec.py. The run options are checked as train.py checks its config file
+(arguments.convert_file_values, RunConfig.validate), for the base and for both ends of every range and every
+choice; the sampler's and pruner's arguments against the types of the Optuna class; a grid's size is counted (not
+listed) and capped; the launcher's program and the files it names must exist. Nothing is written.
 """
 
 from __future__ import annotations
@@ -16,15 +17,17 @@ import sys
 
 import yaml
 
-from .arguments import Parser, closest_option, convert_file_values
-from .config import RunConfig
-from .errors import UserError, first_line
-from .pruning import PRUNERS
-from .sweep_config import (
+from ..config import RunConfig
+from ..errors import UserError, closest_option, first_line
+from .spec import (
     CATEGORICAL_TYPES,
+    GRACE_RANGE,
+    HEARTBEAT_RANGE,
     KEYS,
+    MAX_GRID,
     OBJECTIVES,
     OPTIONS,
+    PRUNERS,
     ROOT,
     SAMPLERS,
     SET_BY_SWEEP,
@@ -93,6 +96,8 @@ def load_sweep(path: str, sweep_dir: str) -> SweepSpec:
     for key in data:
         if key not in KEYS:
             raise c.fail(_unknown(str(key), KEYS), key)
+    from ..arguments import Parser  # transformers' HfArgumentParser: imported once the file has been read
+
     parser = Parser()
 
     base = _check_options(c, parser, data.get("base") or {})
@@ -107,9 +112,9 @@ def load_sweep(path: str, sweep_dir: str) -> SweepSpec:
     study_name = data.get("study_name") or os.path.basename(os.path.normpath(os.path.abspath(sweep_dir)))
     if not (isinstance(study_name, str) and all(ch.isalnum() or ch in "_-." for ch in study_name)):
         raise c.fail(f"{study_name!r}: use letters, digits, '_', '-' or '.'", "study_name")
-    for key, low in (("heartbeat_interval", 1), ("grace_period", 2)):
-        if key in data and not (type(data[key]) is int and data[key] >= low):
-            raise c.fail(f"expected a whole number of seconds >= {low}, got {data[key]!r}", key)
+    for key, (low, high) in (("heartbeat_interval", HEARTBEAT_RANGE), ("grace_period", GRACE_RANGE)):
+        if key in data and not (type(data[key]) is int and low <= data[key] <= high):
+            raise c.fail(f"expected a whole number of seconds from {low} to {high}, got {data[key]!r}", key)
     heartbeat, grace = data.get("heartbeat_interval", 60), data.get("grace_period", 180)
     if grace <= heartbeat:
         raise c.fail(f"{grace} must be longer than heartbeat_interval ({heartbeat}), or live trials would be "
@@ -117,17 +122,12 @@ def load_sweep(path: str, sweep_dir: str) -> SweepSpec:
 
     sampler = _check_component(c, "sampler", data.get("sampler", "tpe"), SAMPLERS, "samplers")
     pruner = _check_component(c, "pruner", data.get("pruner", "none"), PRUNERS, "pruners")
-    if sampler["type"] == "grid":
-        for param in space:
-            if param.grid_values() is None:
-                raise c.fail("a grid needs a step for a float range (or a list of choices)", "search_space",
-                             param.name)
-    grid_size = math.prod(len(p.grid_values()) for p in space) if sampler["type"] == "grid" else None
+    grid_size = _grid_size(c, space) if sampler["type"] == "grid" else None
     n_trials = data.get("n_trials", grid_size)
     if n_trials is None:
         raise c.fail("n_trials is required (a grid's default is its size)")
-    if not (type(n_trials) is int and n_trials >= 1):
-        raise c.fail(f"expected a number of trials >= 1, got {n_trials!r}", "n_trials")
+    if not (type(n_trials) is int and 1 <= n_trials <= MAX_GRID):
+        raise c.fail(f"expected a number of trials from 1 to {MAX_GRID}, got {n_trials!r}", "n_trials")
     if grid_size is not None and n_trials > grid_size:
         raise c.fail(f"{n_trials} is more than the grid's {grid_size} configurations", "n_trials")
 
@@ -145,6 +145,8 @@ def load_sweep(path: str, sweep_dir: str) -> SweepSpec:
 
 def _check_options(c: _Checker, parser, options) -> dict:
     """The `base` run options, converted as train.py converts its config file's values."""
+    from ..arguments import convert_file_values
+
     if not isinstance(options, dict):
         raise c.fail("expected a mapping of run options (as in train.py's config file)", "base")
     converted = {}
@@ -199,6 +201,8 @@ def _check_param(c: _Checker, name: str, entry: dict, action, parser) -> Param:
 
     def convert(value, key):
         """A value as train.py reads it from a config file (type, choices)."""
+        from ..arguments import convert_file_values
+
         try:
             return convert_file_values(parser, {name: value}, "v")[name]
         except UserError as e:
@@ -245,6 +249,43 @@ def _check_param(c: _Checker, name: str, entry: dict, action, parser) -> Param:
     return Param(name, kind, low=low, high=high, step=step, log=log)
 
 
+def _grid_size(c: _Checker, space: list[Param]) -> int:
+    """The number of configurations of a grid over `space`, counted without listing them (capped)."""
+    size = 1
+    for param in space:
+        count = param.grid_size()
+        if count is None:
+            raise c.fail("a grid needs a step for a float range (or a list of choices)", "search_space", param.name)
+        size *= count
+        if size > MAX_GRID:
+            raise c.fail(f"the grid has more than {MAX_GRID} configurations (Optuna lists a grid in memory): "
+                         "use a larger step, fewer choices, or the tpe or random sampler", "search_space",
+                         param.name)
+    return size
+
+
+# What a sweep file can give an Optuna argument annotated with these types (YAML has no callables or arrays).
+_YAML_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),)}
+
+
+def _argument_problem(parameter, value) -> str | None:
+    """Why `value` (from YAML) does not suit the Optuna class's `parameter`, or None."""
+    annotation = parameter.annotation
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    kinds = [part.strip() for part in text.split("|")]
+    if any(kind not in _YAML_TYPES for kind in kinds):
+        return f"takes a {text}, which a sweep file cannot give"
+    fits = any(isinstance(value, _YAML_TYPES[kind]) and not (isinstance(value, bool) and kind in ("int", "float"))
+               for kind in kinds)
+    if not fits:
+        return f"expected {' or '.join(kinds)}, got {value!r}"
+    if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value < 2**32:
+        return f"expected a whole number from 0 to {2**32 - 1}, got {value!r}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"expected a finite number, got {value!r}"
+    return None
+
+
 def _check_component(c: _Checker, key: str, value, names: dict, module: str) -> dict | None:
     """A sampler or pruner entry -> {"type": NAME, **arguments}, the arguments checked against the Optuna class."""
     if value in (None, "none") and key == "pruner":
@@ -256,11 +297,16 @@ def _check_component(c: _Checker, key: str, value, names: dict, module: str) -> 
     import optuna
 
     cls = getattr(getattr(optuna, module), names[entry["type"]])
-    accepted = set(inspect.signature(cls).parameters) - {"search_space"}
-    for arg in entry:
-        if arg != "type" and arg not in accepted:
-            raise c.fail(f"{cls.__name__} takes no argument {arg!r} (it takes {', '.join(sorted(accepted))})", key,
+    parameters = {name: p for name, p in inspect.signature(cls).parameters.items() if name != "search_space"}
+    for arg, given in entry.items():
+        if arg == "type":
+            continue
+        if arg not in parameters:
+            raise c.fail(f"{cls.__name__} takes no argument {arg!r} (it takes {', '.join(sorted(parameters))})", key,
                          arg)
+        problem = _argument_problem(parameters[arg], given)
+        if problem:
+            raise c.fail(f"{cls.__name__}: {problem}", key, arg)
     try:  # built once here so that a bad value is found now, not by the first trial
         if key == "pruner":
             cls(**{k: v for k, v in entry.items() if k != "type"})
