@@ -4,16 +4,13 @@
     accelerate launch --config_file accelerate_config.yaml train.py --model_checkpoint bert-base-chinese \
         --train_file data/afqmc_public/train.json --dev_file data/afqmc_public/dev.json \
         --test_file data/afqmc_public/test.json --output_dir outputs/afqmc --do_train --do_predict
+
+The same command as `afqmc-train` once the project is installed (pip install -e .): afqmc_dist/commands.py.
 """
 
 import sys
 
-from afqmc_dist.errors import stop_while_starting
+from afqmc_dist.commands import train
 
 if __name__ == "__main__":
-    stop_while_starting()  # before the seconds of imports below
-
-from afqmc_dist.cli import main
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(train())

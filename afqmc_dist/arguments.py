@@ -13,6 +13,7 @@ says `do_train: true`), a mistyped option or config key is named with the closes
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -23,6 +24,7 @@ import yaml
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
+from .config import GROUPS as GROUP_TITLES
 from .config import RunConfig
 from .errors import UserError, closest_option, first_line
 
@@ -37,27 +39,12 @@ EXAMPLES = """examples:
   launch/cpu_debug.sh ...                           # the same through accelerate launch (see launch/)
   python train.py --output_dir outputs/afqmc --test_file test.json --do_test     # test a trained run
 """
-# Every RunConfig field, in the group --help shows it under.
-GROUPS: dict[str, tuple[str, ...]] = {
-    "model": ("model_checkpoint", "model_type", "head"),
-    "data": ("train_file", "dev_file", "test_file", "predict_file", "sentence1_key", "sentence2_key", "label_key",
-             "id_key", "label_list", "positive_label", "task_name", "max_seq_length", "streaming",
-             "shuffle_buffer_size", "max_train_samples", "max_eval_samples", "cache_dir"),
-    "training": ("do_train", "learning_rate", "num_train_epochs", "max_steps", "batch_size",
-                 "gradient_accumulation_steps", "dataloader_drop_last", "max_grad_norm", "lr_scheduler_type",
-                 "warmup_proportion", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
-                 "seed", "skip_nonfinite_loss"),
-    "evaluation and saving": ("output_dir", "overwrite_output_dir", "do_test", "do_predict", "eval_steps",
-                              "eval_batch_size", "metric_for_best_model", "early_stopping_patience",
-                              "early_stopping_threshold"),
-    "checkpoints and resume": ("checkpointing_steps", "save_total_limit", "resume_from_checkpoint"),
-    "speed": ("group_by_length", "length_group_size", "mixed_precision", "tf32", "pad_to_multiple_of",
-              "dataloader_num_workers", "torch_compile"),
-    "logging and trackers": ("logging_steps", "report_to", "wandb_project", "wandb_entity", "wandb_group",
-                             "wandb_tags", "wandb_log_model", "require_tracker", "run_name"),
-    "distributed": ("global_batch_size", "cpu"),
-}
-GROUP_OF = {name: title for title, names in GROUPS.items() for name in names}
+
+
+def groups() -> dict[str, list[str]]:
+    """Every RunConfig field by the --help group it declares (config.option), in the order of config.GROUPS."""
+    fields = dataclasses.fields(RunConfig)
+    return {title: [f.name for f in fields if f.metadata["group"] == title] for title in GROUP_TITLES}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -94,10 +81,12 @@ class Parser(HfArgumentParser):
     def _add_dataclass_arguments(self, dtype):
         hints = get_type_hints(dtype)
         fields = {f.name: f for f in dataclasses.fields(dtype)}
-        for title, names in GROUPS.items():
+        for title, names in groups().items():
             group = self.add_argument_group(f"{title} options")
             for name in names:
-                f = fields[name]
+                # HfArgumentParser passes a field's metadata on to add_argument: only what argparse takes.
+                f = copy.copy(fields[name])
+                f.metadata = {key: f.metadata[key] for key in ("help", "aliases") if f.metadata.get(key)}
                 f.type = hints[name]
                 if f.type is bool or f.type == bool | None:
                     _add_switch(group, f)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from .distributed import first_error, on_main
 from .errors import UserError
 from .files import DISK_FULL, WRITE_ERRORS, free_mib, remove_quietly, replace_dir, write_error, write_json
-from .manifest import file_sha256, manifest_problem, write_manifest
+from .manifest import manifest_problem, write_manifest
 from .outputs import CHECKPOINTS, METRICS
 
 STATE_FILE = "train_state.json"
@@ -195,23 +195,10 @@ def read_state(path: str) -> TrainState:
 
 
 def run_fingerprint(cfg, model, plan) -> dict:
-    """What must not change between a run and its resumption: the model, the data, and how batches are drawn."""
-    return {
-        "model_checkpoint": cfg.model_checkpoint,
-        "head": cfg.head,
-        "num_parameters": model.num_parameters(),
-        "train_file": file_sha256(cfg.train_file),
-        "dev_file": file_sha256(cfg.dev_file),
-        "max_train_samples": cfg.max_train_samples,
-        "max_seq_length": cfg.max_seq_length,
-        "label_list": list(cfg.label_list),
-        "global_batch_size": plan.global_batch,
-        "seed": cfg.seed,
-        "group_by_length": cfg.group_by_length,
-        "length_group_size": cfg.length_group_size if cfg.group_by_length else None,
-        "dataloader_drop_last": cfg.dataloader_drop_last,
-        "streaming": cfg.streaming,
-    }
+    """What must not change between a run and its resumption: the options defined with `resumed`
+    (RunConfig.fingerprint: the model, the data's content, how batches are drawn), the model's size and the
+    global batch."""
+    return {**cfg.fingerprint(), "num_parameters": model.num_parameters(), "global_batch_size": plan.global_batch}
 
 
 def check_compatible(path: str, saved: dict, current: dict) -> None:

@@ -1,5 +1,10 @@
 """The run configuration: one dataclass, validated up front (arguments.py parses it from flags and files).
 
+Each option is defined once, by its field: default, help, the --help group it is listed under, the values it
+accepts, and whether a resumed run must keep it (`resumed`: it is in the checkpoint's fingerprint). --help, the
+range checks of `validate` and `fingerprint` are derived from the fields; `validate` adds the checks that tie
+several options together. Adding an option: one `option(...)` line here, plus the code that uses it.
+
 Flag names follow the tutorial this tool grew from (`--model_checkpoint`, `--batch_size`, ...); the modern
 Hugging Face names (`--model_name_or_path`, `--per_device_train_batch_size`, ...) are accepted as aliases.
 """
@@ -9,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,10 +25,19 @@ DEFAULT_EVAL_BATCH = 64
 TRACKERS = ("wandb", "tensorboard", "mlflow")
 
 
-def _arg(default, help, aliases=None):
-    metadata = {"help": help}
-    if aliases:
-        metadata["aliases"] = aliases
+# The --help groups, in the order --help lists them.
+GROUPS = ("model", "data", "training", "evaluation and saving", "checkpoints and resume", "speed",
+          "logging and trackers", "distributed")
+
+
+def option(default, help: str, group: str, *, aliases=(), above=None, at_least=None, below=None,
+           resumed: bool | str | Callable = False, path: bool = False):
+    """A RunConfig field. `above` / `at_least` / `below`: the range a given value must be in (None: unchecked);
+    `resumed`: a resumed run must have the same value (True), the same file content ("content"), or the same
+    `resumed(cfg)`; `path`: a file or folder (a sweep makes it absolute)."""
+    assert group in GROUPS, group
+    metadata = {"help": help, "group": group, "aliases": list(aliases), "above": above, "at_least": at_least,
+                "below": below, "resumed": resumed, "path": path}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -30,127 +45,195 @@ def _arg(default, help, aliases=None):
 
 @dataclass
 class RunConfig:
-    # --- model -------------------------------------------------------------------------------------
-    model_checkpoint: str | None = _arg(
-        None, "Hub name or local folder of the pretrained encoder (e.g. bert-base-chinese).",
-        ["--model_name_or_path"])
-    model_type: str | None = _arg(
-        None, "Force the architecture when the checkpoint's config lacks a usable model_type "
-              "(hfl/chinese-roberta-wwm-ext is a BERT: pass --model_type bert).")
-    head: Literal["seq", "cls"] = _arg(
-        "seq", "seq: the standard AutoModelForSequenceClassification head (pooler + linear). "
-               "cls: the tutorial's head ([CLS] vector, dropout, linear, no pooler; BERT checkpoints only).")
-    # --- data --------------------------------------------------------------------------------------
-    train_file: str | None = _arg(None, "JSON-lines training pairs.")
-    dev_file: str | None = _arg(None, "JSON-lines dev pairs, evaluated during training.", ["--validation_file"])
-    test_file: str | None = _arg(None, "JSON-lines labelled pairs for --do_test (and --do_predict's default input).")
-    predict_file: str | None = _arg(None, "JSON-lines pairs for --do_predict (no labels needed). Default: --test_file.")
-    sentence1_key: str = _arg("sentence1", "JSON key of the first sentence.")
-    sentence2_key: str = _arg("sentence2", "JSON key of the second sentence.")
-    label_key: str = _arg("label", "JSON key of the label.")
-    id_key: str = _arg("id", "JSON key of the example id (copied into CLUE-format predictions).")
-    label_list: list[str] = _arg(["0", "1"], "The label values; their order gives the class ids (3 or more for "
-                                             "OCNLI/CMNLI-style tasks: macro-F1 and per-class metrics are reported).")
-    positive_label: str = _arg("1", "The label whose F1/precision/recall are reported (with 2 labels).")
-    task_name: str = _arg("afqmc", "Names the CLUE submission file TASK_predict.json (e.g. ocnli_50k, lcqmc).")
-    max_seq_length: int = _arg(128, "Pairs are truncated to this many tokens, special tokens included.",
-                               ["--max_length"])
-    streaming: bool = _arg(False, "Read --train_file lazily instead of loading it into memory "
-                                  "(for files larger than RAM; shuffled through a buffer).")
-    shuffle_buffer_size: int = _arg(10000, "Shuffle buffer size in --streaming mode.")
-    max_train_samples: int | None = _arg(None, "Use only the first N training pairs (quick runs).")
-    max_eval_samples: int | None = _arg(None, "Use only the first N dev pairs (quick runs).")
-    group_by_length: bool = _arg(True, "Training batches of similar lengths (shuffled mega-batches sorted by length: "
-                                       "little padding, still a fresh random order every epoch).")
-    length_group_size: int = _arg(
-        100, "With --group_by_length: global batches per mega-batch. Larger means less padding and less random "
-             "batch composition (100 batches of 16: about 2%% padding on AFQMC).")
-    cache_dir: str | None = _arg(None, "Where tokenised files are cached (default: $XDG_CACHE_HOME/afqmc_dist or "
-                                       "~/.cache/afqmc_dist); 'none' disables the cache.")
-    # --- run ---------------------------------------------------------------------------------------
-    output_dir: str | None = _arg(None, "Where best/, results.json, metrics.jsonl and predictions go.")
-    overwrite_output_dir: bool = _arg(False, "Allow --do_train into a non-empty --output_dir.")
-    do_train: bool = _arg(False, "Fine-tune, evaluate on --dev_file, keep the best model in OUTPUT_DIR/best.")
-    do_test: bool = _arg(False, "Evaluate OUTPUT_DIR/best on the labelled --test_file.")
-    do_predict: bool = _arg(False, "Predict --predict_file (or --test_file) with OUTPUT_DIR/best.")
-    # --- checkpoints and fault tolerance -------------------------------------------------------------
-    checkpointing_steps: str | None = _arg(
-        None, "Save the full training state to OUTPUT_DIR/checkpoints/step_N every N optimizer steps, or "
-              "'epoch' for the end of every epoch.")
-    save_total_limit: int | None = _arg(None, "Keep only the newest K checkpoints (best/ is never deleted).")
-    resume_from_checkpoint: str | None = _arg(
-        None, "A checkpoint folder, or 'latest' for the newest complete one in OUTPUT_DIR/checkpoints "
-              "(a fresh start when there is none yet, so a requeued job can always pass it).")
-    metric_for_best_model: Literal["accuracy", "f1", "loss"] = _arg(
-        "accuracy", "The dev metric that picks best/ and that early stopping watches (loss: lower is better; f1: "
-                    "of --positive_label with 2 labels, macro-F1 with more).")
-    early_stopping_patience: int | None = _arg(
-        None, "Stop after this many evaluations in a row without a gain of at least --early_stopping_threshold in "
-              "--metric_for_best_model.")
-    early_stopping_threshold: float = _arg(0.0, "Minimum gain in --metric_for_best_model that counts as an "
-                                                "improvement.")
-    skip_nonfinite_loss: bool = _arg(
-        False, "Skip optimizer steps whose loss is NaN/inf instead of stopping the run (costs a host sync "
-               "per step).")
-    # --- optimisation ------------------------------------------------------------------------------
-    learning_rate: float = _arg(1e-5, "Peak AdamW learning rate.")
-    num_train_epochs: int = _arg(3, "Training epochs.")
-    max_steps: int | None = _arg(
-        None, "Train for exactly this many optimizer steps instead of --num_train_epochs (the schedule, "
-              "checkpoints and resume follow it; the last epoch may end part-way).")
-    batch_size: int | None = _arg(
-        None, f"Training pairs per process and micro-batch (default {DEFAULT_BATCH}, the tutorial's). The global "
-              "batch is then batch_size x processes x accumulation, so it grows with the process count.",
-        ["--per_device_train_batch_size"])
-    global_batch_size: int | None = _arg(
-        None, "Training pairs per optimizer step, whatever the number of processes: the per-process batch is "
-              "derived as G / (processes x --gradient_accumulation_steps), and the same seed trains the same model "
-              "on 1 process, 8, or 1 with accumulation. Instead of --batch_size.")
-    dataloader_drop_last: bool = _arg(
-        False, "Drop the incomplete last global batch of each epoch (default: train on it, its gradient the mean "
-               "over exactly its pairs).")
-    eval_batch_size: int | None = _arg(
-        None, f"Evaluation/prediction batch size per process (default: the larger of --batch_size and "
-              f"{DEFAULT_EVAL_BATCH}; eval batches are sorted by length, so big ones waste little).",
-        ["--per_device_eval_batch_size"])
-    gradient_accumulation_steps: int = _arg(1, "Micro-batches per optimizer step.")
-    max_grad_norm: float = _arg(1.0, "Gradient clipping norm (0 disables clipping).")
+    # --- model --------------------------------------------------------------------------------------------------------
+    model_checkpoint: str | None = option(None,
+        "Hub name or local folder of the pretrained encoder (e.g. bert-base-chinese).",
+        "model", aliases=["--model_name_or_path"], resumed=True, path=True)
+    model_type: str | None = option(None,
+        "Force the architecture when the checkpoint's config lacks a usable model_type "
+        "(hfl/chinese-roberta-wwm-ext is a BERT: pass --model_type bert).",
+        "model")
+    head: Literal["seq", "cls"] = option("seq",
+        "seq: the standard AutoModelForSequenceClassification head (pooler + linear). cls: the tutorial's "
+        "head ([CLS] vector, dropout, linear, no pooler; BERT checkpoints only).",
+        "model", resumed=True)
+    # --- data ---------------------------------------------------------------------------------------------------------
+    train_file: str | None = option(None, "JSON-lines training pairs.", "data", resumed="content", path=True)
+    dev_file: str | None = option(None,
+        "JSON-lines dev pairs, evaluated during training.",
+        "data", aliases=["--validation_file"], resumed="content", path=True)
+    test_file: str | None = option(None,
+        "JSON-lines labelled pairs for --do_test (and --do_predict's default input).",
+        "data", path=True)
+    predict_file: str | None = option(None,
+        "JSON-lines pairs for --do_predict (no labels needed). Default: --test_file.",
+        "data", path=True)
+    sentence1_key: str = option("sentence1", "JSON key of the first sentence.", "data")
+    sentence2_key: str = option("sentence2", "JSON key of the second sentence.", "data")
+    label_key: str = option("label", "JSON key of the label.", "data")
+    id_key: str = option("id", "JSON key of the example id (copied into CLUE-format predictions).", "data")
+    label_list: list[str] = option(["0", "1"],
+        "The label values; their order gives the class ids (3 or more for OCNLI/CMNLI-style tasks: macro-F1 "
+        "and per-class metrics are reported).",
+        "data", resumed=True)
+    positive_label: str = option("1", "The label whose F1/precision/recall are reported (with 2 labels).", "data")
+    task_name: str = option("afqmc",
+        "Names the CLUE submission file TASK_predict.json (e.g. ocnli_50k, lcqmc).",
+        "data")
+    max_seq_length: int = option(128,
+        "Pairs are truncated to this many tokens, special tokens included.",
+        "data", aliases=["--max_length"], at_least=8, resumed=True)
+    streaming: bool = option(False,
+        "Read --train_file lazily instead of loading it into memory (for files larger than RAM; shuffled "
+        "through a buffer).",
+        "data", resumed=True)
+    shuffle_buffer_size: int = option(10000, "Shuffle buffer size in --streaming mode.", "data", above=0)
+    max_train_samples: int | None = option(None,
+        "Use only the first N training pairs (quick runs).",
+        "data", above=0, resumed=True)
+    max_eval_samples: int | None = option(None, "Use only the first N dev pairs (quick runs).", "data", above=0)
+    cache_dir: str | None = option(None,
+        "Where tokenised files are cached (default: $XDG_CACHE_HOME/afqmc_dist or ~/.cache/afqmc_dist); "
+        "'none' disables the cache.",
+        "data", path=True)
+    # --- training -----------------------------------------------------------------------------------------------------
+    do_train: bool = option(False,
+        "Fine-tune, evaluate on --dev_file, keep the best model in OUTPUT_DIR/best.",
+        "training")
+    learning_rate: float = option(1e-05, "Peak AdamW learning rate.", "training", above=0)
+    num_train_epochs: int = option(3, "Training epochs.", "training", above=0)
+    max_steps: int | None = option(None,
+        "Train for exactly this many optimizer steps instead of --num_train_epochs (the schedule, checkpoints "
+        "and resume follow it; the last epoch may end part-way).",
+        "training", above=0)
+    batch_size: int | None = option(None,
+        "Training pairs per process and micro-batch (default 4, the tutorial's). The global batch is then "
+        "batch_size x processes x accumulation, so it grows with the process count.",
+        "training", aliases=["--per_device_train_batch_size"], above=0)
+    gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.", "training", above=0)
+    dataloader_drop_last: bool = option(False,
+        "Drop the incomplete last global batch of each epoch (default: train on it, its gradient the mean "
+        "over exactly its pairs).",
+        "training", resumed=True)
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables clipping).", "training", at_least=0.0)
     lr_scheduler_type: Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                               "constant_with_warmup", "inverse_sqrt"] = _arg(
-        "linear", "Learning-rate schedule (transformers' get_scheduler names; those that need no extra arguments).")
-    warmup_proportion: float = _arg(0.0, "Fraction of optimizer steps with linear warm-up.", ["--warmup_ratio"])
-    warmup_steps: int | None = _arg(None, "Warm-up optimizer steps (instead of --warmup_proportion).")
-    weight_decay: float = _arg(0.01, "AdamW weight decay (never applied to biases and LayerNorm weights).")
-    adam_beta1: float = _arg(0.9, "AdamW beta1.")
-    adam_beta2: float = _arg(0.999, "AdamW beta2.")
-    adam_epsilon: float = _arg(1e-8, "AdamW epsilon.")
-    seed: int = _arg(42, "Seed for weights, shuffling and dropout: a CPU run with the same seed repeats exactly.")
-    # --- hardware and logging ----------------------------------------------------------------------
-    mixed_precision: Literal["no", "bf16", "fp16"] | None = _arg(
-        None, "Override the precision set by the accelerate config / launcher (fp16 needs a GPU).")
-    cpu: bool = _arg(False, "Run on the CPU even when a GPU is present.")
-    tf32: bool | None = _arg(
-        None, "TF32 matmuls for fp32 work on NVIDIA Ampere or newer (default: on when training on a GPU; "
-              "recorded in run_config.json).")
-    pad_to_multiple_of: int | None = _arg(
-        None, "Pad batches to a multiple of this length (default: 8 on a GPU with mixed precision, where "
-              "tensor cores want it; 1 otherwise).")
-    dataloader_num_workers: int = _arg(0, "Background DataLoader workers (batches are pre-tokenised: 0-2 is enough).")
-    torch_compile: bool = _arg(False, "Compile the model with torch.compile (inductor).")
-    logging_steps: int = _arg(10, "Log loss and learning rate every N optimizer steps.")
-    eval_steps: int | None = _arg(None, "Also evaluate every N optimizer steps (always after each epoch).")
-    report_to: list[str] = _arg(
-        ["none"], "Experiment trackers: none, or any of wandb, tensorboard, mlflow (space- or comma-separated), or "
-                  "all. wandb honours WANDB_MODE=offline; tensorboard writes OUTPUT_DIR/tensorboard; mlflow "
-                  "logs to MLFLOW_TRACKING_URI (default sqlite:///OUTPUT_DIR/mlflow.db, artifacts in "
-                  "OUTPUT_DIR/mlruns).")
-    wandb_project: str = _arg("afqmc-dist", "W&B project name.")
-    wandb_entity: str | None = _arg(None, "W&B entity (user or team); default: your W&B default.")
-    wandb_group: str | None = _arg(None, "W&B group, e.g. to put the runs of a sweep together.")
-    wandb_tags: list[str] = _arg([], "W&B tags.")
-    wandb_log_model: bool = _arg(False, "Upload OUTPUT_DIR/best to W&B as a model artifact at the end.")
-    require_tracker: bool = _arg(False, "Stop the run if W&B cannot start (default: say why and log locally).")
-    run_name: str | None = _arg(None, "Run name shown by the tracker.")
+                               "constant_with_warmup", "inverse_sqrt"] = option("linear",
+        "Learning-rate schedule (transformers' get_scheduler names; those that need no extra arguments).",
+        "training")
+    warmup_proportion: float = option(0.0,
+        "Fraction of optimizer steps with linear warm-up.",
+        "training", aliases=["--warmup_ratio"], at_least=0.0, below=1.0)
+    warmup_steps: int | None = option(None,
+        "Warm-up optimizer steps (instead of --warmup_proportion).",
+        "training", at_least=0)
+    weight_decay: float = option(0.01,
+        "AdamW weight decay (never applied to biases and LayerNorm weights).",
+        "training", at_least=0.0)
+    adam_beta1: float = option(0.9, "AdamW beta1.", "training", at_least=0.0, below=1.0)
+    adam_beta2: float = option(0.999, "AdamW beta2.", "training", at_least=0.0, below=1.0)
+    adam_epsilon: float = option(1e-08, "AdamW epsilon.", "training", above=0)
+    seed: int = option(42,
+        "Seed for weights, shuffling and dropout: a CPU run with the same seed repeats exactly.",
+        "training", at_least=0, below=2**32, resumed=True)
+    skip_nonfinite_loss: bool = option(False,
+        "Skip optimizer steps whose loss is NaN/inf instead of stopping the run (costs a host sync per step).",
+        "training")
+    # --- evaluation and saving ----------------------------------------------------------------------------------------
+    output_dir: str | None = option(None,
+        "Where best/, results.json, metrics.jsonl and predictions go.",
+        "evaluation and saving")
+    overwrite_output_dir: bool = option(False,
+        "Allow --do_train into a non-empty --output_dir.",
+        "evaluation and saving")
+    do_test: bool = option(False, "Evaluate OUTPUT_DIR/best on the labelled --test_file.", "evaluation and saving")
+    do_predict: bool = option(False,
+        "Predict --predict_file (or --test_file) with OUTPUT_DIR/best.",
+        "evaluation and saving")
+    eval_steps: int | None = option(None,
+        "Also evaluate every N optimizer steps (always after each epoch).",
+        "evaluation and saving", above=0)
+    eval_batch_size: int | None = option(None,
+        "Evaluation/prediction batch size per process (default: the larger of --batch_size and 64; eval "
+        "batches are sorted by length, so big ones waste little).",
+        "evaluation and saving", aliases=["--per_device_eval_batch_size"], above=0)
+    metric_for_best_model: Literal["accuracy", "f1", "loss"] = option("accuracy",
+        "The dev metric that picks best/ and that early stopping watches (loss: lower is better; f1: of "
+        "--positive_label with 2 labels, macro-F1 with more).",
+        "evaluation and saving")
+    early_stopping_patience: int | None = option(None,
+        "Stop after this many evaluations in a row without a gain of at least --early_stopping_threshold in "
+        "--metric_for_best_model.",
+        "evaluation and saving", above=0)
+    early_stopping_threshold: float = option(0.0,
+        "Minimum gain in --metric_for_best_model that counts as an improvement.",
+        "evaluation and saving", at_least=0.0)
+    # --- checkpoints and resume ---------------------------------------------------------------------------------------
+    checkpointing_steps: str | None = option(None,
+        "Save the full training state to OUTPUT_DIR/checkpoints/step_N every N optimizer steps, or 'epoch' "
+        "for the end of every epoch.",
+        "checkpoints and resume")
+    save_total_limit: int | None = option(None,
+        "Keep only the newest K checkpoints (best/ is never deleted).",
+        "checkpoints and resume", above=0)
+    resume_from_checkpoint: str | None = option(None,
+        "A checkpoint folder, or 'latest' for the newest complete one in OUTPUT_DIR/checkpoints (a fresh "
+        "start when there is none yet, so a requeued job can always pass it).",
+        "checkpoints and resume")
+    # --- speed --------------------------------------------------------------------------------------------------------
+    group_by_length: bool = option(True,
+        "Training batches of similar lengths (shuffled mega-batches sorted by length: little padding, still a "
+        "fresh random order every epoch).",
+        "speed", resumed=True)
+    length_group_size: int = option(100,
+        "With --group_by_length: global batches per mega-batch. Larger means less padding and less random "
+        "batch composition (100 batches of 16: about 2%% padding on AFQMC).",
+        "speed", above=0, resumed=lambda cfg: cfg.length_group_size if cfg.group_by_length else None)
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = option(None,
+        "Override the precision set by the accelerate config / launcher (fp16 needs a GPU).",
+        "speed")
+    tf32: bool | None = option(None,
+        "TF32 matmuls for fp32 work on NVIDIA Ampere or newer (default: on when training on a GPU; recorded "
+        "in run_config.json).",
+        "speed")
+    pad_to_multiple_of: int | None = option(None,
+        "Pad batches to a multiple of this length (default: 8 on a GPU with mixed precision, where tensor "
+        "cores want it; 1 otherwise).",
+        "speed", above=0)
+    dataloader_num_workers: int = option(0,
+        "Background DataLoader workers (batches are pre-tokenised: 0-2 is enough).",
+        "speed", at_least=0)
+    torch_compile: bool = option(False, "Compile the model with torch.compile (inductor).", "speed")
+    # --- logging and trackers -----------------------------------------------------------------------------------------
+    logging_steps: int = option(10,
+        "Log loss and learning rate every N optimizer steps.",
+        "logging and trackers", above=0)
+    report_to: list[str] = option(["none"],
+        "Experiment trackers: none, or any of wandb, tensorboard, mlflow (space- or comma-separated), or all. "
+        "wandb honours WANDB_MODE=offline; tensorboard writes OUTPUT_DIR/tensorboard; mlflow logs to "
+        "MLFLOW_TRACKING_URI (default sqlite:///OUTPUT_DIR/mlflow.db, artifacts in OUTPUT_DIR/mlruns).",
+        "logging and trackers")
+    wandb_project: str = option("afqmc-dist", "W&B project name.", "logging and trackers")
+    wandb_entity: str | None = option(None,
+        "W&B entity (user or team); default: your W&B default.",
+        "logging and trackers")
+    wandb_group: str | None = option(None,
+        "W&B group, e.g. to put the runs of a sweep together.",
+        "logging and trackers")
+    wandb_tags: list[str] = option([], "W&B tags.", "logging and trackers")
+    wandb_log_model: bool = option(False,
+        "Upload OUTPUT_DIR/best to W&B as a model artifact at the end.",
+        "logging and trackers")
+    require_tracker: bool = option(False,
+        "Stop the run if W&B cannot start (default: say why and log locally).",
+        "logging and trackers")
+    run_name: str | None = option(None, "Run name shown by the tracker.", "logging and trackers")
+    # --- distributed --------------------------------------------------------------------------------------------------
+    global_batch_size: int | None = option(None,
+        "Training pairs per optimizer step, whatever the number of processes: the per-process batch is "
+        "derived as G / (processes x --gradient_accumulation_steps), and the same seed trains the same model "
+        "on 1 process, 8, or 1 with accumulation. Instead of --batch_size.",
+        "distributed", above=0)
+    cpu: bool = option(False, "Run on the CPU even when a GPU is present.", "distributed")
 
     # ------------------------------------------------------------------------------------------------
     @property
@@ -194,6 +277,23 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def fingerprint(self) -> dict:
+        """What a resumed run must keep (the options defined with `resumed`): their values, or the sha256 of
+        their files' content. The rest of the fingerprint (the model's size, the global batch) is added by
+        checkpoints.run_fingerprint."""
+        from .manifest import file_sha256
+
+        values = {}
+        for f in dataclasses.fields(self):
+            resumed, value = f.metadata.get("resumed"), getattr(self, f.name)
+            if resumed == "content":
+                values[f.name] = file_sha256(value)
+            elif callable(resumed):
+                values[f.name] = resumed(self)
+            elif resumed:
+                values[f.name] = list(value) if isinstance(value, list) else value
+        return values
+
     def validate(self) -> None:
         """Raise UserError naming the first flag that is wrong. Called once, before any heavy work."""
         if not (self.do_train or self.do_test or self.do_predict):
@@ -221,55 +321,22 @@ class RunConfig:
             if path and not os.access(path, os.R_OK):
                 raise UserError(f"--{name} {path}: not readable")
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise UserError(f"--{f.name} must be a finite number, got {value}")
-        if not 0 <= self.seed < 2**32:
-            raise UserError(f"--seed must be a whole number from 0 to {2**32 - 1} (what numpy and torch take), "
-                            f"got {self.seed}")
-
-        positive = {
-            "learning_rate": self.learning_rate, "num_train_epochs": self.num_train_epochs,
-            "gradient_accumulation_steps": self.gradient_accumulation_steps, "logging_steps": self.logging_steps,
-            "adam_epsilon": self.adam_epsilon, "shuffle_buffer_size": self.shuffle_buffer_size,
-            "length_group_size": self.length_group_size,
-        }
-        optional_positive = {
-            "batch_size": self.batch_size, "global_batch_size": self.global_batch_size,
-            "eval_batch_size": self.eval_batch_size, "eval_steps": self.eval_steps,
-            "max_train_samples": self.max_train_samples, "max_eval_samples": self.max_eval_samples,
-            "save_total_limit": self.save_total_limit, "early_stopping_patience": self.early_stopping_patience,
-            "pad_to_multiple_of": self.pad_to_multiple_of, "max_steps": self.max_steps,
-        }
-        for name, value in {**positive, **{k: v for k, v in optional_positive.items() if v is not None}}.items():
-            if not value > 0:
-                raise UserError(f"--{name} must be > 0, got {value}")
+            check_range(f, getattr(self, f.name))
         if self.batch_size is not None and self.global_batch_size is not None:
             raise UserError("give --batch_size (per process) or --global_batch_size (per optimizer step), not both")
-        if self.max_seq_length < 8:
-            raise UserError(f"--max_seq_length must be at least 8, got {self.max_seq_length}")
-        if not 0.0 <= self.warmup_proportion < 1.0:
-            raise UserError(f"--warmup_proportion must be in [0, 1), got {self.warmup_proportion}")
-        if self.warmup_steps is not None and (self.warmup_steps < 0 or self.warmup_proportion):
-            raise UserError("--warmup_steps must be >= 0, and is given instead of --warmup_proportion, not with it")
+        if self.warmup_steps is not None and self.warmup_proportion:
+            raise UserError("--warmup_steps is given instead of --warmup_proportion, not with it")
         unknown = [name for name in self.trackers if name not in TRACKERS]
         if unknown:
             raise UserError(f"--report_to {unknown[0]!r} is not one of none, {', '.join(TRACKERS)}, all")
         if not self.task_name or not all(c.isalnum() or c in "_-." for c in self.task_name):
             raise UserError(f"--task_name {self.task_name!r}: use letters, digits, '_', '-' or '.' (it names a file)")
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise UserError("--weight_decay and --max_grad_norm must be >= 0")
-        for name in ("adam_beta1", "adam_beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise UserError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
         if len(self.label_list) < 2 or len(set(self.label_list)) != len(self.label_list):
             raise UserError(f"--label_list needs at least two distinct labels, got {self.label_list}")
         if self.positive_label not in self.label_list:
             raise UserError(f"--positive_label {self.positive_label!r} is not in --label_list {self.label_list}")
         if self.sentence1_key == self.sentence2_key:
             raise UserError("--sentence1_key and --sentence2_key must differ")
-        if self.dataloader_num_workers < 0 or self.early_stopping_threshold < 0:
-            raise UserError("--dataloader_num_workers and --early_stopping_threshold must be >= 0")
         if self.checkpointing_steps is not None and self.checkpointing_steps != "epoch" \
                 and not (self.checkpointing_steps.isdigit() and int(self.checkpointing_steps) > 0):
             raise UserError(f"--checkpointing_steps must be a number of steps > 0 or 'epoch', "
@@ -280,7 +347,9 @@ class RunConfig:
             if self.resume_from_checkpoint != "latest" and not os.path.isdir(self.resume_from_checkpoint):
                 raise UserError(f"--resume_from_checkpoint {self.resume_from_checkpoint}: no such folder")
 
-        held = {".afqmc.lock", ".afqmc.lock.json"}  # runlock.py's files: they stay when a run ends
+        from .run_folder import HOLDER_FILE, LOCK_FILE
+
+        held = {LOCK_FILE, HOLDER_FILE}  # the folder's lock: it stays when a run ends
         if self.do_train and os.path.isdir(self.output_dir) and set(os.listdir(self.output_dir)) - held \
                 and not (self.overwrite_output_dir or self.resume_from_checkpoint):
             raise UserError(f"--output_dir {self.output_dir} is not empty: pass --overwrite_output_dir "
@@ -294,6 +363,23 @@ class RunConfig:
             if existing == os.path.abspath(self.output_dir):
                 raise UserError(f"--output_dir {self.output_dir} is not writable")
             raise UserError(f"--output_dir {self.output_dir} cannot be created: {existing} is not a writable folder")
+
+
+def check_range(f: dataclasses.Field, value) -> None:
+    """UserError if the value of option `f` is not a finite number or not in the range its field declares."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"--{f.name} must be a finite number, got {value}")
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    above, at_least, below = (f.metadata.get(key) for key in ("above", "at_least", "below"))
+    if above is not None and not value > above:
+        raise UserError(f"--{f.name} must be > {above}, got {value}")
+    if at_least is not None and below is not None and not at_least <= value < below:
+        span = f"a whole number from {at_least} to {below - 1}" if isinstance(below, int) and isinstance(
+            at_least, int) else f"in [{at_least:g}, {below:g})"
+        raise UserError(f"--{f.name} must be {span}, got {value}")
+    if at_least is not None and not value >= at_least:
+        raise UserError(f"--{f.name} must be >= {at_least:g}, got {value}")
 
 
 @dataclass(frozen=True)

@@ -156,29 +156,34 @@ def _outcome(run: Callable[[], None]) -> tuple[int, str | None]:
 def stop_at_once(signum: int, frame, what: str) -> None:
     """End the command for stop signal `signum` (a signal handler's arguments), with status 3 and one line.
 
-    In the middle of an import (torch, transformers, accelerate and matplotlib take seconds), the process exits at
-    once: an exception raised there leaves a module half-imported, and a later import fails in its place (numpy,
-    for one, then recurses without end). Anywhere else TrainingStopped is raised, so that the temporary files of
-    a write are removed on the way out (files.py). `what` ends its line: what was kept."""
+    While a module is being loaded (torch, transformers, accelerate and matplotlib take seconds), the process
+    exits at once: an exception raised in a module's body leaves it half-imported, and a later import fails in
+    its place (numpy, for one, then recurses without end). Anywhere else TrainingStopped is raised, so that the
+    temporary files of a write are removed on the way out (files.py). `what` ends its line: what was kept."""
     import signal
 
     name = signal.Signals(signum).name
-    if not _importing(frame):
+    module = _loading_module(frame)
+    if module is None:
         raise TrainingStopped(f"{name} received: stopped at once ({what})", exit_code=EXIT_STOPPED)
-    line = f"stopped: {name} received while starting up ({what})"
+    line = f"stopped: {name} received while Python was loading {module} ({what})"
     status_dir = os.environ.get(STATUS_DIR_ENV)
     if not (status_dir and _record_status(status_dir, EXIT_STOPPED, line)):
         print(line, file=sys.stderr, flush=True)
     os._exit(EXIT_STOPPED)
 
 
-def _importing(frame) -> bool:
-    """True when `frame` runs inside an import statement (its caller chain passes through importlib)."""
+def _loading_module(frame) -> str | None:
+    """The module whose body `frame` runs in, inside an import statement, or None. (A module compiled in C, such
+    as termios, runs no body: the signal is handled once it is loaded, and raising then is safe.)"""
+    module = None
     while frame is not None:
-        if frame.f_code.co_filename.startswith("<frozen importlib"):
-            return True
+        if frame.f_code.co_name == "<module>" and not frame.f_code.co_filename.startswith("<"):
+            module = module or frame.f_globals.get("__name__")
+        elif module and frame.f_code.co_filename.startswith("<frozen importlib"):
+            return module
         frame = frame.f_back
-    return False
+    return None
 
 
 def stop_while_starting(signals=("SIGTERM", "SIGUSR1", "SIGINT")) -> dict:

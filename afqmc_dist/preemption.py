@@ -12,12 +12,13 @@ A second Ctrl-C quits at once (KeyboardInterrupt: exit status 130, one line, tem
 
 from __future__ import annotations
 
+import inspect
 import signal
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack, contextmanager
 from typing import Self
 
-from .errors import exit_status, signals_taken_over, stop_at_once, stop_while_starting
+from .errors import exit_status, log_errors_to, signals_taken_over, stop_at_once, stop_while_starting
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, name))
 
@@ -95,16 +96,19 @@ class StopRequests:
         return (self.received or "a signal on another process") if flag.item() else None
 
 
-def run_command(work: Callable[[], None]) -> int:
+def run_command(work: Callable) -> int:
     """What every command's `main` does: stop signals handled from the first moment (one line, status 3, never a
-    traceback or a bare 143), the work done under the run's own stop handling (here: stop at once; temporary files
-    are removed on the way out), and the exit status of how it ended (errors.exit_status). Call it before any
-    heavy import: a command's module imports only what checking its flags needs."""
+    traceback or a bare 143), the work done under the run's own stop handling (`work(stop_requests)`, or `work()`
+    for a command that only stops at once: temporary files are removed on the way out), and the exit status of
+    how it ended (errors.exit_status). Call it before any heavy import: a command's module imports only what
+    checking its flags needs."""
     previous = stop_while_starting()
+    log_errors_to(None)  # until the command knows its output folder
+    takes_requests = bool(inspect.signature(work).parameters)
 
     def whole() -> None:
-        with StopRequests():
-            work()
+        with StopRequests() as stop_requests:
+            work(stop_requests) if takes_requests else work()
 
     try:
         return exit_status(whole)

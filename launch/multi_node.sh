@@ -6,6 +6,14 @@
 #
 # MAIN_PROCESS_IP is the address of the rank-0 node, reachable from all others; MAIN_PROCESS_PORT (default
 # 29500) must be free there. Under SLURM see launch/slurm.sbatch, which fills these in.
+#
+# CPU-only nodes: ACCELERATE_USE_CPU=1 (accelerate's own switch) on every node. GPUS_PER_NODE then counts the
+# processes per node, connected over gloo; each gets this node's cores / GPUS_PER_NODE threads (OMP_NUM_THREADS,
+# unless set). Two "nodes" on one machine, to try it (docs/slurm.md; OMP_NUM_THREADS=1: they share its cores):
+#
+#   export ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 NUM_MACHINES=2 MAIN_PROCESS_IP=127.0.0.1 GPUS_PER_NODE=1
+#   MACHINE_RANK=0 launch/multi_node.sh ... & MACHINE_RANK=1 launch/multi_node.sh ...
+#
 # Every argument goes to train.py. Relative paths are resolved from the repo root.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -23,8 +31,15 @@ MAIN_PROCESS_PORT="${MAIN_PROCESS_PORT:-29500}"
 for var in NUM_MACHINES MACHINE_RANK GPUS_PER_NODE MAIN_PROCESS_PORT; do
     [[ "${!var}" =~ ^[0-9]+$ ]] || { echo "multi_node.sh: $var must be a whole number, got '${!var}'" >&2; exit 2; }
 done
+(( GPUS_PER_NODE > 0 )) || { echo "multi_node.sh: GPUS_PER_NODE must be at least 1" >&2; exit 2; }
 # accelerate wants the TOTAL number of processes over all nodes, not the per-node count.
 NPROC=$(( NUM_MACHINES * GPUS_PER_NODE ))
+case "${ACCELERATE_USE_CPU:-}" in
+    1|[Tt]rue|TRUE|[Yy]es|YES|[Yy]|[Oo]n|ON)  # the spellings accelerate reads as true
+        # Without it every process starts one thread per core: GPUS_PER_NODE of them would oversubscribe the node.
+        threads=$(( $(nproc) / GPUS_PER_NODE ))
+        export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}" ;;
+esac
 
 # afqmc_dist.launcher: accelerate's launch, ending with train.py's own last line and exit status, and passing
 # SIGTERM / SIGUSR1 / Ctrl-C on to the training processes (see its docstring). `python` is the one on PATH.

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from afqmc_dist.arguments import GROUPS, parse_config
+from afqmc_dist.arguments import groups, parse_config
 from afqmc_dist.config import RunConfig
 from afqmc_dist.data import PairSchema, read_pairs
 from afqmc_dist.errors import UserError
@@ -409,7 +409,7 @@ def test_help_groups_the_options_states_each_default_once_and_keeps_the_examples
 
     assert exit_info.value.code == 0
     headings = [line[:-1] for line in text.splitlines() if line.endswith("options:") and line != "options:"]
-    assert headings == [f"{title} options" for title in GROUPS]
+    assert headings == [f"{title} options" for title in groups()]
     assert "[DO_TRAIN]" not in text and "  --do_train  " in text.replace("\n", "  ")
     batch = text[text.index("  --batch_size"):text.index("  --gradient_accumulation_steps")]
     assert batch.count("default") == 1, batch
@@ -419,5 +419,5 @@ def test_help_groups_the_options_states_each_default_once_and_keeps_the_examples
 
 
 def test_every_option_is_in_exactly_one_help_group():
-    grouped = [name for names in GROUPS.values() for name in names]
+    grouped = [name for names in groups().values() for name in names]
     assert sorted(grouped) == sorted(f.name for f in dataclasses.fields(RunConfig))

@@ -219,7 +219,7 @@ def trickling_url():
     server.server_close()
 
 
-def test_ctrl_c_during_the_download_is_one_line_exit_130_and_leaves_nothing(tmp_path, trickling_url):
+def test_ctrl_c_during_the_download_is_one_line_exit_3_and_leaves_nothing(tmp_path, trickling_url):
     dest = tmp_path / "dest"
     run = subprocess.Popen([sys.executable, "-m", "afqmc_dist.download", "--url", trickling_url,
                             "--output_dir", str(dest / "data" / "afqmc")], cwd=ROOT, stdout=subprocess.PIPE,
@@ -231,7 +231,7 @@ def test_ctrl_c_during_the_download_is_one_line_exit_130_and_leaves_nothing(tmp_
     run.send_signal(signal.SIGINT)
     stdout, stderr = run.communicate(timeout=60)
 
-    assert run.returncode == 130, stderr
-    assert stderr.startswith("error: interrupted") and stderr.count("\n") == 1, stderr
+    assert run.returncode == 3, stderr
+    assert stderr.startswith("stopped: SIGINT received: stopped at once") and stderr.count("\n") == 1, stderr
     assert stdout == ""
     assert not dest.exists() or os.listdir(dest) == [], "temporary folder and created folders removed"

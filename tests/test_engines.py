@@ -116,7 +116,7 @@ def test_fp16_overflow_steps_are_skipped_by_the_scaler_and_training_goes_on(skip
     called"."""
     from accelerate.utils import GradScalerKwargs
 
-    from afqmc_dist.steps import optimizer_step
+    from afqmc_dist.training.steps import optimizer_step
 
     accelerator = Accelerator(mixed_precision="fp16", kwargs_handlers=[GradScalerKwargs(init_scale=2.0**40)])
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))

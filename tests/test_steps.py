@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from afqmc_dist.steps import finite_or_none, is_finite, optimizer_step
+from afqmc_dist.training.steps import finite_or_none, is_finite, optimizer_step
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 

@@ -45,7 +45,7 @@ MAX_GRID = 1_000_000  # configurations: a grid is enumerated by Optuna, in memor
 HEARTBEAT_RANGE, GRACE_RANGE = (1, 3600), (2, 86_400)  # seconds
 # Options every trial run gets from the sweep: its folder, its seed, resuming its own checkpoint.
 SET_BY_SWEEP = ("output_dir", "seed", "resume_from_checkpoint", "overwrite_output_dir")
-PATH_OPTIONS = ("model_checkpoint", "train_file", "dev_file", "test_file", "predict_file", "cache_dir")
+PATH_OPTIONS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("path"))
 OPTIONS = tuple(f.name for f in dataclasses.fields(RunConfig))
 CATEGORICAL_TYPES = (bool, int, float, str, type(None))
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from transformers import get_scheduler
 
-from .errors import UserError
-from .sampling import global_batch_sizes
+from ..errors import UserError
+from ..sampling import global_batch_sizes
 
 
 @dataclass(frozen=True)
