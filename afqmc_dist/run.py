@@ -35,143 +35,168 @@ from .tracking import Tracker
 from .training.loop import Trainer
 
 
-def inference_loader(cfg, plan, accelerator, tokenizer, dataset):
-    # prepare_data_loader, not prepare: it shards the data without involving the engine (FSDP, DeepSpeed).
-    return accelerator.prepare_data_loader(make_eval_dataloader(dataset, cfg, plan, tokenizer, accelerator))
+class Run:
+    """One invocation of the tool on every rank: `execute` runs the phases of the module docstring in order."""
 
+    def __init__(self, cfg: RunConfig, stop_requests: StopRequests):
+        self.cfg, self.stop_requests = cfg, stop_requests
+        self.model = self.tokenizer = self.fingerprint = self.trained = self.tracker = None
+        self.resume_from = self.wandb_id = None
+        self.summary: dict = {}
+        self.written: list[str] = []
 
-def run_test(cfg, plan, accelerator, model, tokenizer, dataset, positive_id: int, tracker) -> dict:
-    """Evaluate the best model on the labelled --test_file; write test_results.json."""
-    loader = inference_loader(cfg, plan, accelerator, tokenizer, dataset)
-    metrics = evaluate(model, loader, accelerator, positive_id, list(cfg.label_list), desc="test")
-    if accelerator.is_main_process:
-        write_json(os.path.join(cfg.output_dir, TEST_RESULTS), {f"test_{k}": v for k, v in metrics.items()})
-    tracker.log(loggable(metrics), prefix="test", summary=True)
-    accelerator.print(f"test: accuracy {metrics['accuracy']:.4f} f1 {metrics['f1']:.4f} ({metrics['count']} pairs)")
-    return metrics
+    def execute(self) -> None:
+        cfg, started = self.cfg, time.time()
+        self.setup()
+        lock = RunLock(cfg.output_dir)
+        try:
+            # From the claim on, a stop signal is honoured at the next optimizer step (a checkpoint saved).
+            with self.stop_requests.deferred():
+                self.claim(lock)
+                # A fresh run sets a replaced run aside; from here any failure puts it back (run_folder.SetAside).
+                with SetAside(cfg.output_dir).guard(self.accelerator, fresh=cfg.do_train and not self.resume_from):
+                    self.start_tracking()
+                    if cfg.do_train:
+                        self.train()
+            if cfg.do_test or cfg.do_predict:
+                self.test_and_predict()
+            self.cleanup()
+        finally:
+            lock.release()
+        self.accelerator.print(run_summary(cfg, self.summary, self.written, time.time() - started))
 
+    # --- setup: everything that can be wrong with the inputs is found before anything is written -----------------
 
-def run_predict(cfg, plan, accelerator, model, tokenizer, dataset, tracker) -> list[str]:
-    """Predict every line of --predict_file (default --test_file) with the best model, in input order."""
-    loader = inference_loader(cfg, plan, accelerator, tokenizer, dataset)
-    preds = predict(model, loader, accelerator, desc="predict")
-    tracker.log({"samples_per_second": preds.samples_per_second, "count": len(preds)}, prefix="predict")
-    written = on_main(accelerator, lambda: write_predictions(cfg.output_dir, dataset.examples, preds,
-                                                             cfg.label_list, cfg.id_key, cfg.task_name))
-    return written
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.accelerator, run_info = make_accelerator(cfg)
+        accelerator = self.accelerator
+        self.stop_requests.attach(accelerator)
+        self.plan = plan = cfg.batch_plan(accelerator.num_processes)
+        set_seed(cfg.seed)
+        accelerator.print(f"{accelerator.num_processes} process(es), device {accelerator.device.type}, "
+                          f"precision {accelerator.mixed_precision}, distributed {accelerator.distributed_type}")
+        if cfg.do_train:
+            accelerator.print(f"global batch {plan.global_batch} = {plan.per_device} per process x "
+                              f"{plan.num_processes} process(es) x {plan.accumulation} accumulation step(s)")
+        schema = PairSchema.from_config(cfg)
+        self.positive_id = schema.label2id[cfg.positive_label]
+        self.datasets = load_datasets(cfg, schema)
+        if not cfg.do_train:  # a test/predict run's model, loaded (and so checked) before anything is written
+            self.trained = load_best_model(cfg, accelerator)
+        self.run_info = {**plan.describe(), **run_info, "git_commit": git_commit()}
+        if cfg.do_train:
+            self.setup_model()
 
+    def setup_model(self) -> None:
+        cfg, accelerator = self.cfg, self.accelerator
+        # The main process downloads a hub checkpoint first; the others then read it from the cache.
+        with accelerator.main_process_first():
+            self.model, self.tokenizer = build_model_and_tokenizer(cfg)
+        check_real_parameters(accelerator, self.model)
+        self.run_info["num_parameters"] = self.model.num_parameters()
+        self.fingerprint = run_fingerprint(cfg, self.model, self.plan)  # hashes the data files: once per run
+        needed = estimate_checkpoint_bytes(self.model.num_parameters())
+        check_free_space(cfg.output_dir, needed if cfg.checkpointing_steps else needed // 4)
 
-def prepare_resume(cfg, fingerprint: dict, accelerator) -> tuple[str | None, str | None]:
-    """The checkpoint to resume from (None: start fresh, see run_folder.resume_point) and its W&B run id, after
-    checking that it belongs to this run (same model, data, global batch, ...)."""
-    path = resume_point(cfg, accelerator)
-    if path is None:
-        return None, None
-    state = read_state(path)
-    check_compatible(path, state.fingerprint, fingerprint)
-    return path, state.wandb_run_id
+    # --- claim the output folder ------------------------------------------------------------------------------
 
+    def claim(self, lock: RunLock) -> None:
+        """Lock the folder (main process), or stop naming the run that holds it; remove what a crashed save left;
+        find where training starts (a checkpoint that belongs to this run, or afresh)."""
+        cfg, accelerator = self.cfg, self.accelerator
 
-def claim_output_dir(cfg, accelerator, lock: RunLock) -> None:
-    """Lock the folder (main process), or stop naming the run that holds it; remove what a crashed save left."""
-    def claim() -> None:
-        lock.acquire()
-        for path in remove_stale_temporaries(cfg.output_dir):
-            print(f"removed {path}, left by a save that was interrupted")
+        def take() -> None:
+            lock.acquire()
+            for path in remove_stale_temporaries(cfg.output_dir):
+                print(f"removed {path}, left by a save that was interrupted")
 
-    on_main(accelerator, claim)
-    log_errors_to(cfg.output_dir)
+        on_main(accelerator, take)
+        log_errors_to(cfg.output_dir)
+        if cfg.do_train:
+            self.resume_from = resume_point(cfg, accelerator)
+            if self.resume_from:
+                state = read_state(self.resume_from)
+                check_compatible(self.resume_from, state.fingerprint, self.fingerprint)
+                self.wandb_id = state.wandb_run_id
 
+    def start_tracking(self) -> None:
+        """The phase's record (run_config.json, or test_/predict_config.json) and the trackers."""
+        cfg = self.cfg
+        phases = ["train"] if cfg.do_train else [p for p in ("test", "predict") if getattr(cfg, f"do_{p}")]
+        if self.accelerator.is_main_process:
+            for phase in phases:
+                write_json(os.path.join(cfg.output_dir, PHASE_CONFIGS[phase]), {**cfg.to_dict(), **self.run_info})
+        self.tracker = Tracker(self.accelerator, cfg, self.run_info, resume_id=self.wandb_id)
 
-def train_phase(cfg, plan, accelerator, model, tokenizer, datasets, positive_id, tracker, fingerprint,
-                resume_from, stop_requests) -> dict:
-    """Train; write results.json and the trackers' summary."""
-    trainer = Trainer(cfg, plan, accelerator, model, tokenizer, datasets["train"], datasets["dev"], positive_id,
-                      tracker, fingerprint, resume_from, stop_requests, TrialReporter.from_env(accelerator, cfg))
-    summary = trainer.train()
-    if accelerator.is_main_process:
-        write_json(os.path.join(cfg.output_dir, RESULTS), summary)
-    tracker.summarize({k if k.startswith("best_") else f"best_{k}": v for k, v in summary.items()
-                       if not isinstance(v, dict)})
-    return summary
+    # --- train ------------------------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        cfg, accelerator, datasets = self.cfg, self.accelerator, self.datasets
+        encode_datasets({k: datasets[k] for k in ("train", "dev")}, self.tokenizer, cfg, accelerator)
+        if cfg.torch_compile:
+            self.model.compile()  # in place: parameter names (and so saved checkpoints) stay those of the model
+        trainer = Trainer(cfg, self.plan, accelerator, self.model, self.tokenizer, datasets["train"], datasets["dev"],
+                          self.positive_id, self.tracker, self.fingerprint, self.resume_from, self.stop_requests,
+                          TrialReporter.from_env(accelerator, cfg))
+        self.summary = trainer.train()
+        if accelerator.is_main_process:
+            write_json(os.path.join(cfg.output_dir, RESULTS), self.summary)
+        self.tracker.summarize({k if k.startswith("best_") else f"best_{k}": v for k, v in self.summary.items()
+                                if not isinstance(v, dict)})
+        # Drop the training model and optimizer state before the best model is loaded.
+        self.model = trainer = None
+        accelerator.free_memory()
+
+    # --- test and predict, with the best model loaded once ----------------------------------------------------
+
+    def test_and_predict(self) -> None:
+        cfg, accelerator = self.cfg, self.accelerator
+        model, tokenizer = self.trained or load_best_model(cfg, accelerator)
+        self.trained = None
+        encode_datasets({k: self.datasets[k] for k in ("test", "predict") if k in self.datasets}, tokenizer, cfg,
+                        accelerator)
+        if cfg.do_test:
+            metrics = self.test(model, tokenizer)
+            self.summary.update({f"test_{k}": v for k, v in metrics.items()})
+        if cfg.do_predict:
+            self.written = self.predict(model, tokenizer)
+
+    def loader(self, tokenizer, dataset):
+        # prepare_data_loader, not prepare: it shards the data without involving the engine (FSDP, DeepSpeed).
+        loader = make_eval_dataloader(dataset, self.cfg, self.plan, tokenizer, self.accelerator)
+        return self.accelerator.prepare_data_loader(loader)
+
+    def test(self, model, tokenizer) -> dict:
+        """Evaluate the best model on the labelled --test_file; write test_results.json."""
+        cfg, accelerator = self.cfg, self.accelerator
+        loader = self.loader(tokenizer, self.datasets["test"])
+        metrics = evaluate(model, loader, accelerator, self.positive_id, list(cfg.label_list), desc="test")
+        if accelerator.is_main_process:
+            write_json(os.path.join(cfg.output_dir, TEST_RESULTS), {f"test_{k}": v for k, v in metrics.items()})
+        self.tracker.log(loggable(metrics), prefix="test", summary=True)
+        accelerator.print(f"test: accuracy {metrics['accuracy']:.4f} f1 {metrics['f1']:.4f} "
+                          f"({metrics['count']} pairs)")
+        return metrics
+
+    def predict(self, model, tokenizer) -> list[str]:
+        """Predict every line of --predict_file (default --test_file) with the best model, in input order."""
+        cfg, dataset = self.cfg, self.datasets["predict"]
+        preds = predict(model, self.loader(tokenizer, dataset), self.accelerator, desc="predict")
+        self.tracker.log({"samples_per_second": preds.samples_per_second, "count": len(preds)}, prefix="predict")
+        return on_main(self.accelerator, lambda: write_predictions(cfg.output_dir, dataset.examples, preds,
+                                                                   cfg.label_list, cfg.id_key, cfg.task_name))
+
+    # --- cleanup ----------------------------------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        cfg = self.cfg
+        if cfg.do_train and cfg.wandb_log_model:
+            self.tracker.log_model(cfg.output_dir, name=f"{cfg.run_name or 'afqmc'}-best")
+        self.model = None
+        release_models(self.accelerator)
+        self.tracker.finish()  # ends the trackers and the process group
 
 
 def run(cfg: RunConfig, stop_requests: StopRequests) -> None:
-    started = time.time()
-    # --- setup: everything that can be wrong with the inputs is found before anything is written ---
-    accelerator, run_info = make_accelerator(cfg)
-    stop_requests.attach(accelerator)
-    plan = cfg.batch_plan(accelerator.num_processes)
-    set_seed(cfg.seed)
-    accelerator.print(f"{accelerator.num_processes} process(es), device {accelerator.device.type}, "
-                      f"precision {accelerator.mixed_precision}, distributed {accelerator.distributed_type}")
-    if cfg.do_train:
-        accelerator.print(f"global batch {plan.global_batch} = {plan.per_device} per process x "
-                          f"{plan.num_processes} process(es) x {plan.accumulation} accumulation step(s)")
-    schema = PairSchema.from_config(cfg)
-    positive_id = schema.label2id[cfg.positive_label]
-    datasets = load_datasets(cfg, schema)
-    trained = None  # a test/predict run's model, loaded (and so checked) before anything is written
-    if not cfg.do_train:
-        trained = load_best_model(cfg, accelerator)
-    run_info = {**plan.describe(), **run_info, "git_commit": git_commit()}
-    model = tokenizer = fingerprint = None
-    if cfg.do_train:
-        # The main process downloads a hub checkpoint first; the others then read it from the cache.
-        with accelerator.main_process_first():
-            model, tokenizer = build_model_and_tokenizer(cfg)
-        check_real_parameters(accelerator, model)
-        run_info["num_parameters"] = model.num_parameters()
-        fingerprint = run_fingerprint(cfg, model, plan)  # hashes the data files: once per run
-        needed = estimate_checkpoint_bytes(model.num_parameters())
-        check_free_space(cfg.output_dir, needed if cfg.checkpointing_steps else needed // 4)
-
-    # --- claim the output folder; from here on a stop signal is honoured at the next optimizer step ---
-    lock = RunLock(cfg.output_dir)
-    try:
-        with stop_requests.deferred():
-            claim_output_dir(cfg, accelerator, lock)
-            resume_from, wandb_id = prepare_resume(cfg, fingerprint, accelerator) if cfg.do_train else (None, None)
-            # A fresh run sets a replaced run aside; from here any failure puts it back (run_folder.SetAside).
-            with SetAside(cfg.output_dir).guard(accelerator, fresh=cfg.do_train and not resume_from):
-                phases =     ["train"] if cfg.do_train else [p for p in ("test", "predict") if getattr(cfg, f"do_{p}")]
-                if accelerator.is_main_process:
-                    for phase in phases:
-                        write_json(os.path.join(cfg.output_dir, PHASE_CONFIGS[phase]), {**cfg.to_dict(), **run_info})
-                tracker = Tracker(accelerator, cfg, run_info, resume_id=wandb_id)
-
-                # --- train ---
-                summary = {}
-                if cfg.do_train:
-                    encode_datasets({k: datasets[k] for k in ("train", "dev")}, tokenizer, cfg, accelerator)
-                    if cfg.torch_compile:
-                        model.compile()  # in place: parameter names (and so saved checkpoints) stay those of the model
-                    summary = train_phase(cfg, plan, accelerator, model, tokenizer, datasets, positive_id, tracker,
-                                          fingerprint, resume_from, stop_requests)
-                    # Drop the training model and optimizer state before the best model is loaded.
-                    model = None
-                    accelerator.free_memory()
-
-        # --- test and predict, with the best model loaded once ---
-        written = []
-        if cfg.do_test or cfg.do_predict:
-            model, tokenizer = trained or load_best_model(cfg, accelerator)
-            trained = None
-            encode_datasets({k: datasets[k] for k in ("test", "predict") if k in datasets}, tokenizer, cfg,
-                            accelerator)
-            if cfg.do_test:
-                summary.update({f"test_{k}": v for k, v in
-                                run_test(cfg, plan, accelerator, model, tokenizer, datasets["test"], positive_id,
-                                         tracker).items()})
-            if cfg.do_predict:
-                written = run_predict(cfg, plan, accelerator, model, tokenizer, datasets["predict"], tracker)
-
-        # --- cleanup ---
-        if cfg.do_train and cfg.wandb_log_model:
-            tracker.log_model(cfg.output_dir, name=f"{cfg.run_name or 'afqmc'}-best")
-        model = None
-        release_models(accelerator)
-        tracker.finish()  # ends the trackers and the process group
-    finally:
-        lock.release()
-    accelerator.print(run_summary(cfg, summary, written, time.time() - started))
+    Run(cfg, stop_requests).execute()

@@ -1,9 +1,9 @@
 """Every measurement runs in its own child process: a fresh interpreter, its own peak memory, its own log.
 
-The parent writes a spec (JSON) and runs `python -m bench.children KIND SPEC_FILE` from the repository root; the
-child runs the worker of that kind (the tutorial loop, the Trainer, the tool, the matmul peak) and writes its
-result dict to spec["result_file"]. The parent reaps the child with os.wait4, which gives the child's own peak
-RSS and CPU seconds.
+The parent (this module) writes a spec (JSON) and runs `python -m bench.child KIND SPEC_FILE` from the repository
+root; the child (child.py) runs the worker of that kind (the tutorial loop, the Trainer, the tool, the matmul peak)
+and writes its result dict to spec["result_file"]. The parent reaps the child with os.wait4, which gives the
+child's own peak RSS and CPU seconds.
 """
 
 from __future__ import annotations
@@ -18,16 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import REPO, RowFailed
-
-
-def workers() -> dict:
-    """Worker kind -> function(spec) -> result dict. Imported here, in the child, only."""
-    from bench.measure import worker_peak
-    from bench.tool_loop import worker_tool
-    from bench.trainer_loop import worker_trainer
-    from bench.tutorial_loop import worker_tutorial
-
-    return {"tutorial": worker_tutorial, "trainer": worker_trainer, "tool": worker_tool, "peak": worker_peak}
 
 
 @dataclass
@@ -92,26 +82,8 @@ def run_python_worker(kind: str, spec: dict, log_stem: Path, timeout: float,
     log_stem.parent.mkdir(parents=True, exist_ok=True)
     spec_file.write_text(json.dumps(spec, indent=2))
     result_file.unlink(missing_ok=True)
-    child = run_child([sys.executable, "-m", "bench.children", kind, str(spec_file)],
+    child = run_child([sys.executable, "-m", "bench.child", kind, str(spec_file)],
                       child_env(spec["threads"], extra_env), log_stem, timeout)
     if child.returncode != 0 or not result_file.exists():
         raise RowFailed(child.last_error_line())
     return json.loads(result_file.read_text()), child
-
-
-def run_worker(kind: str, spec_file: str) -> int:
-    """Entry point of a child: run one measurement and write its result to spec["result_file"]."""
-    with open(spec_file, encoding="utf-8") as f:
-        spec = json.load(f)
-    try:
-        result = workers()[kind](spec)
-    except RowFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    with open(spec["result_file"], "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(run_worker(*sys.argv[1:3]))

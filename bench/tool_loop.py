@@ -20,6 +20,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from bench.children import run_python_worker
 from bench.common import RowFailed, read_jsonl
 from bench.measure import Memory, row_record
 
@@ -97,8 +98,6 @@ def run_tool(spec: dict, extra_flags: list[str], log_stem: Path, timeout: float,
              cache: Path) -> tuple[dict, object]:
     """Run the tool once in a child; its numbers and the child's record (RowFailed if it failed or reported no
     training throughput)."""
-    from bench.children import run_python_worker
-
     work = Path(tempfile.mkdtemp(prefix="tool-", dir=log_stem.parent))
     output_dir = work / "output"
     # torch.compile: a private compile cache per run (measured as a first run), unless `compile_cache` names a

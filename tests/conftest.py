@@ -22,6 +22,15 @@ import pytest
 # Every model here is a local folder: never let a typo turn into a hub request (there is no network).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# Every time limit of the tests is multiplied by this: raise it on a slow or busy machine (the limits are set for
+# 2 idle CPU cores with room to spare; two heavy jobs at once slow each other down 5-10x).
+TIMEOUT_FACTOR = float(os.environ.get("AFQMC_TEST_TIMEOUT_FACTOR", "1"))
+
+
+def limit(seconds: float) -> float:
+    """A test's time limit of `seconds` on 2 idle cores, scaled by AFQMC_TEST_TIMEOUT_FACTOR."""
+    return seconds * TIMEOUT_FACTOR
+
 from afqmc_dist.tiny_model import SPECIAL_TOKENS, build_tiny_bert
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,10 +42,6 @@ FILLER = list("的了是在我有他这中大来上国个到说们为子和你�
 PLANTED = "花"
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one; bench/gpu_check.sh runs them)")
-
-
 def requires(*packages: str):
     """Mark a test that needs optional packages (the trackers, Optuna, matplotlib, a database driver): where one
     is not installed (a cluster's pinned image, say) the test is skipped, naming it. Every other test runs."""
@@ -44,9 +49,21 @@ def requires(*packages: str):
     return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)}, which is not installed")
 
 
+# `pytest -m "not slow"`, the quick first check, leaves out what trains or launches for real (seconds to minutes a
+# test): these modules, and tests that use these fixtures. Every test runs in the full suite.
+SLOW_MODULES = {"test_bench", "test_checkpoints", "test_cli", "test_compile", "test_distributed", "test_global_batch",
+                "test_inputs", "test_launch", "test_outputs", "test_predict", "test_readme", "test_real_data",
+                "test_report", "test_robustness", "test_run_folder", "test_runlock", "test_slurm", "test_sweep",
+                "test_tracking", "test_training"}
+SLOW_FIXTURES = {"trained_run", "cpu_check"}
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    for item in items:
+        if item.module.__name__ in SLOW_MODULES or SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none here): bench/gpu_check.sh runs it on a GPU machine")
@@ -222,9 +239,10 @@ def run_tool(args: list, script: str | None = None, env: dict | None = None,
     """
     process = start_tool(args, script, env)
     try:
-        out, err = process.communicate(timeout=timeout)
+        out, err = process.communicate(timeout=limit(timeout))
     except subprocess.TimeoutExpired:
-        pytest.fail(f"{' '.join(process.args[:3])} ... still running after {timeout} s; where each process was:\n"
+        pytest.fail(f"{' '.join(process.args[:3])} ... still running after {limit(timeout):.0f} s (raise "
+                    f"AFQMC_TEST_TIMEOUT_FACTOR on a busy machine); where each process was:\n"
                     f"{stacks_of(process)}", pytrace=False)
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, SAMPLE_DIR
+from conftest import ROOT, SAMPLE_DIR, limit
 
 from afqmc_dist.tiny_model import build_tiny_bert
 from bench.measure import (
@@ -43,7 +43,7 @@ def smoke(tmp_path_factory) -> tuple[dict, subprocess.CompletedProcess]:
         [sys.executable, "bench/throughput.py", "--quick", "--rows", ",".join(ROWS), "--precisions", "fp32",
          "--train_samples", "32", "--eval_samples", "16", "--predict_samples", "4", "--data_dir", str(SAMPLE_DIR),
          "--vocab_file", "none", "--cache_dir", str(tmp / "cache"), "--output", str(tmp / "throughput.json")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, capture_output=True, text=True, timeout=limit(300))
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((tmp / "throughput.json").read_text()), result
 

@@ -19,6 +19,7 @@ from conftest import (
     history,
     kill_tree,
     last_error_line,
+    limit,
     read_jsonl,
     run_tool,
     snapshot,
@@ -110,7 +111,7 @@ def test_stop_signal_finishes_the_step_saves_and_exits_3(reference, tiny_model, 
     wait_for(out / "metrics.jsonl", run)  # training has started (the first log is at step 10)
     sent = time.monotonic()
     run.send_signal(sig)
-    _, stderr = run.communicate(timeout=60)
+    _, stderr = run.communicate(timeout=limit(60))
     took = time.monotonic() - sent
 
     assert run.returncode == 3, stderr[-3000:]
@@ -174,7 +175,7 @@ def test_early_stopping_stops_every_process_at_the_same_step(tiny_model, synthet
                        synthetic_data["dev"], "--output_dir", out, "--do_train", "--learning_rate", "1e-3",
                        "--num_train_epochs", "8", "--batch_size", "16", "--eval_steps", "4",
                        "--early_stopping_patience", "2", "--early_stopping_threshold", "0.5",
-                       "--checkpointing_steps", "epoch"], script="cpu_debug_2proc.sh", timeout=300)
+                       "--checkpointing_steps", "epoch"], script="cpu_debug_2proc.sh", timeout=limit(300))
 
     assert result.returncode == 0, result.stderr[-3000:]
     assert "early stopping at step 12" in result.stdout
@@ -472,7 +473,7 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_the_run_resumes_ex
     run.send_signal(signal.SIGSTOP)
     ballast = fill_disk(small_disk, leave_bytes=200_000)  # less than a checkpoint (about 1.5 MB)
     run.send_signal(signal.SIGCONT)
-    _, stderr = run.communicate(timeout=300)
+    _, stderr = run.communicate(timeout=limit(300))
 
     assert run.returncode == 2, stderr[-3000:]
     error = last_error_line(stderr)

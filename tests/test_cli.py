@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import FILLER, PLANTED, last_error_line, requires, run_tool, synthetic_pairs, write_jsonl
+from conftest import FILLER, PLANTED, last_error_line, limit, requires, run_tool, synthetic_pairs, write_jsonl
 
 from afqmc_dist.cli import main
 from afqmc_dist.tiny_model import SPECIAL_TOKENS, build_tiny_bert
@@ -124,7 +124,7 @@ def test_a_global_batch_that_does_not_split_is_one_error_line_before_any_work(mo
 def test_train_py_reports_a_bad_train_file_without_traceback(model_dir, data):
     replace_line(data["train"], 3, "this is not json")
 
-    result = run_tool(train_args(model_dir, data), env={"ACCELERATE_USE_CPU": "1"}, timeout=120)
+    result = run_tool(train_args(model_dir, data), env={"ACCELERATE_USE_CPU": "1"}, timeout=limit(120))
 
     assert result.returncode == 2, result.stderr
     assert last_error_line(result.stderr).startswith(f"error: {data['train']}:3: not valid JSON")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import limit
 
 from afqmc_dist.arguments import groups, parse_config
 from afqmc_dist.config import RunConfig
@@ -349,7 +350,7 @@ def test_a_read_only_output_dir_is_named_as_not_writable():
             pytest.skip("running as root without setpriv: cannot check as an unprivileged user")
         command = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", *command]
     try:
-        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=limit(60))
     finally:
         out.chmod(0o755)
         shutil.rmtree(folder)

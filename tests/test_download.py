@@ -18,6 +18,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import limit
 
 from afqmc_dist.download import EXPECTED_SHA256, main
 
@@ -229,7 +230,7 @@ def test_ctrl_c_during_the_download_is_one_line_exit_3_and_leaves_nothing(tmp_pa
         assert run.poll() is None and time.monotonic() < deadline, run.communicate()
         time.sleep(0.1)
     run.send_signal(signal.SIGINT)
-    stdout, stderr = run.communicate(timeout=60)
+    stdout, stderr = run.communicate(timeout=limit(60))
 
     assert run.returncode == 3, stderr
     assert stderr.startswith("stopped: SIGINT received: stopped at once") and stderr.count("\n") == 1, stderr

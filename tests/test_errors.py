@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, train_args
+from conftest import ROOT, limit, train_args
 
 from afqmc_dist import errors
 from afqmc_dist.errors import EXIT_INTERNAL, TrainingStopped, UserError, exit_status, log_errors_to
@@ -121,7 +121,7 @@ def test_a_stop_signal_while_a_command_starts_up_is_one_line_and_status_3(comman
         time.sleep(0.005)
     time.sleep(0.3)
     process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
+    _, stderr = process.communicate(timeout=limit(120))
 
     assert process.returncode == 3, stderr[-3000:]
     assert "Traceback" not in stderr

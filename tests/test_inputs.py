@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import stacks_of, start_tool
+from conftest import limit, stacks_of, start_tool
 
 from afqmc_dist.config import RunConfig
 from afqmc_dist.model import build_model_and_tokenizer
@@ -30,7 +30,7 @@ CASES = ["a lone surrogate in the train file", "a lone surrogate in an extra fie
 def finish_tool(process: subprocess.Popen, timeout: int = 300) -> subprocess.CompletedProcess:
     """Wait for a run started with `start_tool` (as `run_tool` does)."""
     try:
-        out, err = process.communicate(timeout=timeout)
+        out, err = process.communicate(timeout=limit(timeout))
     except subprocess.TimeoutExpired:
         pytest.fail(f"still running after {timeout} s; where each process was:\n{stacks_of(process)}", pytrace=False)
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port
+from conftest import free_port, limit
 from test_launcher import error_lines, last_line
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,7 +93,7 @@ def test_an_fsdp_launch_on_a_cpu_is_refused_instead_of_training_unsharded(tmp_pa
     test_file.write_text('{"sentence1": "花呗", "sentence2": "借呗", "label": "0"}\n', encoding="utf-8")
     result = subprocess.run(["bash", str(LAUNCH / "sharded.sh"), "--test_file", str(test_file),
                              "--output_dir", str(tmp_path / "out"), "--do_test"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=limit(120))
 
     assert result.returncode == 2, result.stderr[-3000:]
     # Each rank raises the same error; the launcher prints the first one written, once, last.
@@ -206,7 +206,7 @@ def run_script(tmp_path):
             while process.poll() is None and '"argv"' not in (log.read_text() if log.exists() else ""):
                 time.sleep(0.02)
             process.send_signal(send)
-        out, err = process.communicate(timeout=60)
+        out, err = process.communicate(timeout=limit(60))
         events = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
         return subprocess.CompletedProcess(process.args, process.returncode, out, err), events
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, run_tool, start_tool
+from conftest import ROOT, limit, run_tool, start_tool
 
 from afqmc_dist import errors
 from afqmc_dist.errors import EXIT_STOPPED, STATUS_DIR_ENV, TrainingStopped, UserError, exit_status
@@ -149,7 +149,7 @@ def test_a_signal_reaches_every_child_once_even_one_started_after_it():
         after = start_child()
         forwarder.deliver()
         forwarder.deliver()  # nothing new to pass on
-        counts = [int(child.communicate(timeout=30)[0]) for child in (before, after)]
+        counts = [int(child.communicate(timeout=limit(30))[0]) for child in (before, after)]
 
     assert counts == [1, 1]
     assert forwarder.forwarded == (signal.SIGUSR1,)
@@ -184,6 +184,7 @@ def _wait_until_training(out: Path, process) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["cpu_debug.sh", "cpu_debug_2proc.sh"])
 def test_a_bad_input_file_exits_2_with_the_tools_error_line_last_and_once(tiny_model, synthetic_data, tmp_path,
                                                                          script):
@@ -198,21 +199,21 @@ def test_a_bad_input_file_exits_2_with_the_tools_error_line_last_and_once(tiny_m
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["cpu_debug.sh", "cpu_debug_2proc.sh"])
 def test_sigterm_to_the_script_saves_a_checkpoint_and_exits_3(tiny_model, synthetic_data, tmp_path, script):
     out = tmp_path / "out"
     run = start_tool(_training_args(tiny_model, synthetic_data, out), script=script)
     _wait_until_training(out, run)
     run.send_signal(signal.SIGTERM)  # to the launcher only, as `kill PID` or a job script does
-    _, stderr = run.communicate(timeout=120)
+    _, stderr = run.communicate(timeout=limit(120))
 
     assert run.returncode == 3, stderr[-3000:]
     (checkpoint,) = (out / "checkpoints").iterdir()
     assert last_line(stderr).startswith("stopped: SIGTERM received: stopped after step")
     assert f"saved {checkpoint}" in last_line(stderr) and stderr.count("stopped: ") == 1
     assert "Traceback" not in stderr
-
-
+@pytest.mark.slow
 def test_a_nan_stop_on_two_processes_exits_1_with_rank_0s_line(tiny_model, synthetic_data, tmp_path):
     """Every rank stops at the same step with status 1; only rank 0 words it, and the launcher prints that."""
     result = run_tool(_training_args(tiny_model, synthetic_data, tmp_path / "out", "--learning_rate", "1e30",
@@ -221,8 +222,7 @@ def test_a_nan_stop_on_two_processes_exits_1_with_rank_0s_line(tiny_model, synth
     assert result.returncode == 1, result.stderr[-3000:]
     assert last_line(result.stderr).startswith("stopped: the training loss became NaN/inf at step ")
     assert result.stderr.count("stopped: ") == 1 and "Traceback" not in result.stderr
-
-
+@pytest.mark.slow
 def test_a_killed_process_is_named_by_rank_and_signal(tiny_model, synthetic_data, tmp_path):
     """kill -9 of rank 1 (what the OOM killer does) leaves no status file: the launcher's last line says which rank
     died and how (not rank 0's broken collective, which follows from it), and the launch exits 4."""
@@ -231,7 +231,7 @@ def test_a_killed_process_is_named_by_rank_and_signal(tiny_model, synthetic_data
     _wait_until_training(out, run)
     (rank_1,) = [p for p in psutil.Process(run.pid).children() if p.environ().get("RANK") == "1"]
     rank_1.kill()
-    _, stderr = run.communicate(timeout=120)
+    _, stderr = run.communicate(timeout=limit(120))
 
     assert run.returncode == 4, stderr[-3000:]
     assert last_line(stderr).startswith("error: rank 1 was killed by SIGKILL") and "Traceback" not in stderr
@@ -240,8 +240,7 @@ def test_a_killed_process_is_named_by_rank_and_signal(tiny_model, synthetic_data
 # Make stdin (the pseudo-terminal) the controlling terminal of a new session, then run the command there.
 TAKE_TERMINAL = ("import fcntl, os, sys, termios; os.setsid(); fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
                  "os.execvp(sys.argv[1], sys.argv[1:])")
-
-
+@pytest.mark.slow
 def test_ctrl_c_in_a_terminal_saves_a_checkpoint_and_exits_3(tiny_model, synthetic_data, tmp_path):
     """A terminal sends Ctrl-C's SIGINT to the launcher AND the training process (one process group); the
     launcher must not pass on a second one, which would mean "quit at once, without saving" to the tool."""
@@ -256,7 +255,7 @@ def test_ctrl_c_in_a_terminal_saves_a_checkpoint_and_exits_3(tiny_model, synthet
     try:
         _wait_until_training(out, run)
         os.write(terminal, b"\x03")  # Ctrl-C
-        _, stderr = run.communicate(timeout=120)
+        _, stderr = run.communicate(timeout=limit(120))
     finally:
         os.close(terminal)
 
@@ -284,7 +283,7 @@ def test_a_launch_with_bad_arguments_is_one_line_and_status_2(command, env, line
     broken.write_text("distributed_type: [\n", encoding="utf-8")
     command = [word.replace("{broken}", str(broken)) for word in command]
     program = ["bash"] if command[0].endswith(".sh") else [sys.executable]
-    result = subprocess.run([*program, *command], cwd=ROOT, capture_output=True, text=True, timeout=120,
+    result = subprocess.run([*program, *command], cwd=ROOT, capture_output=True, text=True, timeout=limit(120),
                             env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **env})
 
     assert result.returncode == 2

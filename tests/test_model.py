@@ -18,6 +18,7 @@ from afqmc_dist.errors import UserError
 from afqmc_dist.model import BertClsPairClassifier, build_model_and_tokenizer, load_trained_config, load_trained_model
 
 
+@pytest.mark.slow
 def test_cls_head_saves_and_reloads_exactly_through_the_projects_loader(tiny_model, synthetic_data, tmp_path):
     out = tmp_path / "out"
     result = run_tool(train_args(tiny_model, synthetic_data, out, "--head", "cls", "--num_train_epochs", "2"))

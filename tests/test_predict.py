@@ -14,7 +14,7 @@ import sys
 
 import pytest
 from accelerate.state import AcceleratorState, GradientState
-from conftest import ROOT, fill_disk, free_port, read_jsonl, synthetic_pairs, write_jsonl
+from conftest import ROOT, fill_disk, free_port, limit, read_jsonl, synthetic_pairs, write_jsonl
 
 from afqmc_dist.predict import main
 
@@ -46,7 +46,7 @@ def start(args: list, launch: bool = False, cwd=ROOT) -> subprocess.Popen:
 
 
 def finish(process: subprocess.Popen, timeout: int = 300) -> tuple[int, str, str]:
-    out, err = process.communicate(timeout=timeout)
+    out, err = process.communicate(timeout=limit(timeout))
     return process.returncode, out, err
 
 
@@ -227,7 +227,7 @@ def test_output_dash_with_standard_output_closed_is_one_line(trained_run, synthe
     command = " ".join([sys.executable, "-m", "afqmc_dist.predict", "--model", str(out / "best"), "--input",
                         str(synthetic_data["dev"]), "--output", "-"])
     result = subprocess.run(["bash", "-c", f"{command} >&-"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)
+                            timeout=limit(120))
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "error: --output -: standard output is closed; give a file, or run without closing it (>&-)"]

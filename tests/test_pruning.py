@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, limit
 
 from afqmc_dist.errors import UserError
 from afqmc_dist.sweep.pruning import METRIC_ENV, PRUNER_ENV, STORAGE_ENV, STUDY_ENV, TRIAL_ENV, TrialReporter
@@ -81,7 +81,7 @@ def test_a_plain_run_imports_no_sweep_or_tracker_package():
     # The GPU machines have none of them: the training path must not need them unless asked for.
     code = ("import sys; import afqmc_dist.cli, afqmc_dist.sweep.pruning, afqmc_dist.tracking; "
             "print(sorted(m for m in ('optuna', 'mlflow', 'tensorboard', 'wandb') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=limit(120))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 
@@ -111,7 +111,7 @@ def test_every_rank_gets_the_main_process_answer_and_only_the_main_process_opens
     result = subprocess.run(
         ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
          "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(script)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit(180))
     assert result.returncode == 0, result.stderr[-3000:]
     lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
     assert lines == ["rank 0 prune True optuna True", "rank 1 prune True optuna False"]

@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 
-from conftest import ROOT, read_jsonl
+from conftest import ROOT, limit, read_jsonl
 
 DOCS = ROOT / "docs"
 # Pages the README may link before they exist (another change writes them).
@@ -41,7 +41,7 @@ def test_readme_quickstart_runs_the_whole_pipeline(tmp_path):
     commands = quickstart_commands().replace("models/", f"{tmp_path}/models/").replace("outputs/", f"{tmp_path}/o/")
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(["bash", "-euo", "pipefail", "-c", commands], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=limit(300))
     assert result.returncode == 0, result.stderr[-3000:]
 
     out = tmp_path / "o" / "quickstart"

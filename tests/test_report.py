@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import ROOT, read_jsonl, requires, run_tool, train_args
+from conftest import ROOT, limit, read_jsonl, requires, run_tool, train_args
 
 from afqmc_dist.report import main
 
@@ -119,7 +119,7 @@ def test_without_matplotlib_report_md_is_written_and_one_line_says_how_to_get_th
     # sys.modules[name] = None is how Python marks a module unimportable: `import matplotlib` raises ImportError.
     code = ("import sys; sys.modules['matplotlib'] = None; from afqmc_dist.report import main; "
             f"sys.exit(main([{str(run)!r}]))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=limit(120))
     assert result.returncode == 2
     assert result.stderr.splitlines() == ["error: report.png needs matplotlib: pip install matplotlib"]
     assert (run / "report.md").is_file() and not (run / "report.png").exists()

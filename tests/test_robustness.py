@@ -14,7 +14,7 @@ import signal
 import time
 
 import pytest
-from conftest import last_error_line, run_tool, snapshot, start_tool, train_args, write_jsonl
+from conftest import last_error_line, limit, run_tool, snapshot, start_tool, train_args, write_jsonl
 
 
 @pytest.fixture
@@ -76,7 +76,7 @@ def test_a_stop_signal_before_training_starts_is_one_line_status_3_and_nothing_w
         while "process(es), device" not in (line := run.stdout.readline()):
             assert line, "the run ended before its first line"
     run.send_signal(signal.SIGTERM)
-    _, stderr = run.communicate(timeout=60)
+    _, stderr = run.communicate(timeout=limit(60))
 
     assert run.returncode == 3, stderr[-3000:]
     assert "Traceback" not in stderr

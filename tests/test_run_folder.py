@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, kill_tree, last_error_line, run_tool, snapshot, start_tool, train_args
+from conftest import ROOT, kill_tree, last_error_line, limit, run_tool, snapshot, start_tool, train_args
 
 from afqmc_dist.cli import main
 
@@ -28,7 +28,7 @@ def short(model, data, out, *extra) -> list[str]:
 
 def restore(out) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "afqmc_dist.restore", str(out)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=limit(120))
 
 
 @pytest.fixture

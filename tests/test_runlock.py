@@ -9,7 +9,7 @@ import socket
 import time
 from pathlib import Path
 
-from conftest import kill_tree, last_error_line, read_jsonl, run_tool, start_tool, without_timing
+from conftest import kill_tree, last_error_line, limit, read_jsonl, run_tool, start_tool, without_timing
 
 
 def run_args(model, data, out, *extra) -> list:
@@ -37,7 +37,7 @@ def test_a_second_run_on_a_folder_in_use_stops_naming_the_holder_and_the_first_r
     holder = wait_for_holder(out, first)
 
     second = run_tool(run_args(tiny_model, synthetic_data, out, "--num_train_epochs", "1", "--overwrite_output_dir"))
-    _, first_err = first.communicate(timeout=300)
+    _, first_err = first.communicate(timeout=limit(300))
 
     assert second.returncode == 2
     error = last_error_line(second.stderr)

@@ -33,7 +33,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import ROOT, SAMPLE_DIR, free_port, kill_tree, read_jsonl, run_tool, start_tool, without_timing
+from conftest import ROOT, SAMPLE_DIR, free_port, kill_tree, limit, read_jsonl, run_tool, start_tool, without_timing
 
 from afqmc_dist.tiny_model import build_tiny_bert, vocab_from_files
 
@@ -67,7 +67,8 @@ class Cluster:
                     "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONFAULTHANDLER": "1"}
 
     def command(self, *args: str, timeout: int = 60) -> subprocess.CompletedProcess:
-        result = subprocess.run(list(args), cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(list(args), cwd=ROOT, env=self.env, capture_output=True, text=True,
+                                timeout=limit(timeout))
         assert result.returncode == 0, f"{' '.join(args)}: {result.stderr.strip()}"
         return result
 
@@ -75,7 +76,7 @@ class Cluster:
         """sbatch SCRIPT ARGS from the repo root, its log in LOG (appended to by a requeued job); the job id."""
         job_env = {**self.env, "ACCELERATE_USE_CPU": "1", "MAIN_PROCESS_PORT": str(free_port()), **(env or {})}
         result = subprocess.run(["sbatch", "--parsable", f"--output={log}", *options, str(script), *map(str, args)],
-                                cwd=ROOT, env=job_env, capture_output=True, text=True, timeout=60)
+                                cwd=ROOT, env=job_env, capture_output=True, text=True, timeout=limit(60))
         assert result.returncode == 0, result.stderr
         return result.stdout.strip().split(";")[0]
 
@@ -111,7 +112,7 @@ def start_cluster() -> tuple[Cluster, dict]:
     env = {**os.environ, "AFQMC_SLURM_DIR": str(folder), "AFQMC_SLURMCTLD_PORT": str(free_port()),
            "AFQMC_SLURMD_PORT": str(free_port())}
     started = subprocess.run(["bash", str(LOCAL_CLUSTER), "start"], env=env, capture_output=True, text=True,
-                             timeout=900)
+                             timeout=limit(900))
     if started.returncode != 0:
         shutil.rmtree(folder, ignore_errors=True)
         lines = started.stderr.strip().splitlines() or ["local_cluster.sh start failed without a word"]
@@ -121,7 +122,7 @@ def start_cluster() -> tuple[Cluster, dict]:
 
 def stop_cluster(cluster: Cluster, env: dict) -> subprocess.CompletedProcess:
     stopped = subprocess.run(["bash", str(LOCAL_CLUSTER), "stop"], env=env, capture_output=True, text=True,
-                             timeout=120)
+                             timeout=limit(120))
     shutil.rmtree(cluster.folder, ignore_errors=True)
     return stopped
 
@@ -460,7 +461,7 @@ def finish(nodes: list[subprocess.Popen], timeout: float = 300) -> list[tuple[in
     ended = []
     for node in nodes:
         try:
-            out, err = node.communicate(timeout=timeout)
+            out, err = node.communicate(timeout=limit(timeout))
         except subprocess.TimeoutExpired:
             for other in nodes:
                 kill_tree(other.pid)
@@ -574,7 +575,7 @@ def test_status_says_up_and_stop_leaves_nothing_of_the_cluster_running(tmp_path)
         assert {"munged", "slurmctld", "slurmd", "slurmstepd", "sleep"} <= {p.name() for p in running}
 
         stop = subprocess.run(["bash", str(LOCAL_CLUSTER), "stop"], env=env, capture_output=True, text=True,
-                              timeout=120)
+                              timeout=limit(120))
         assert stop.returncode == 0, stop.stderr
         assert [(p.pid, p.name()) for p in running if is_alive(p)] == []
         status = subprocess.run(["bash", str(LOCAL_CLUSTER), "status"], env=env, capture_output=True, text=True)

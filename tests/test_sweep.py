@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, SAMPLE_DIR, fill_disk, free_port, last_error_line, read_jsonl, snapshot
+from conftest import ROOT, SAMPLE_DIR, fill_disk, free_port, last_error_line, limit, read_jsonl, snapshot
 
 from afqmc_dist.sweep.__main__ import main
 from afqmc_dist.tiny_model import build_tiny_bert, vocab_from_files
@@ -65,7 +65,7 @@ def sweep_command(sweep_file: Path, sweep_dir: Path, *extra) -> list[str]:
 def run(command: list[str], timeout: int = 240, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            **(env or {})}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit(timeout))
     return result
 
 
@@ -163,7 +163,7 @@ def test_a_worker_killed_mid_trial_has_its_trial_resumed_by_the_next_run_of_the_
         time.sleep(0.02)
     assert list((first_run / "checkpoints").glob("step_*")), "the first trial never saved a checkpoint"
     worker.send_signal(signal.SIGKILL)  # the worker only: its run learns of it and saves a checkpoint (SIGTERM)
-    worker.communicate(timeout=30)
+    worker.communicate(timeout=limit(30))
     killed_params = load(sweep_dir).get_trials()[0].params
     status_file = sweep_dir / "trials" / "0000" / "seed-1.status" / "rank0.json"
     deadline = time.time() + 60
@@ -292,7 +292,7 @@ def test_workers_started_together_and_a_rerun_draw_new_configurations(small_mode
     env = {**os.environ, "WANDB_MODE": "disabled"}
     together = [subprocess.Popen(first, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  text=True) for _ in range(2)]
-    outputs = [p.communicate(timeout=300)[0] for p in together]
+    outputs = [p.communicate(timeout=limit(300))[0] for p in together]
     assert [p.returncode for p in together] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     (tmp_path / "more").mkdir()
     again = run(sweep_command(quick_sweep(tmp_path / "more", small_model, n_trials=6, seeds=[1], search_space=space,
@@ -321,7 +321,7 @@ def test_a_full_disk_ends_the_worker_in_one_line_and_the_same_command_continues_
     while not list(first_run.glob("checkpoints/step_*")) and time.time() < deadline and worker.poll() is None:
         time.sleep(0.02)
     ballast = fill_disk(small_disk)
-    output = worker.communicate(timeout=300)[0]
+    output = worker.communicate(timeout=limit(300))[0]
 
     assert worker.returncode == 2, output[-3000:]
     assert "Traceback" not in output and "Should not reach" not in output
@@ -443,14 +443,14 @@ def postgres():
         shutil.chown(data, "postgres")
     port = free_port()
     subprocess.run([*as_user, str(pg / "initdb"), "-D", str(data / "db"), "-U", "postgres", "--auth=trust",
-                    "-E", "UTF8"], check=True, capture_output=True, timeout=120)
+                    "-E", "UTF8"], check=True, capture_output=True, timeout=limit(120))
     subprocess.run([*as_user, str(pg / "pg_ctl"), "-D", str(data / "db"), "-l", str(data / "log"), "-w", "-o",
-                    f"-p {port} -k {data} -h 127.0.0.1", "start"], check=True, capture_output=True, timeout=120)
+                    f"-p {port} -k {data} -h 127.0.0.1", "start"], check=True, capture_output=True, timeout=limit(120))
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"  # as the README writes it: no driver named
     finally:
         subprocess.run([*as_user, str(pg / "pg_ctl"), "-D", str(data / "db"), "-m", "immediate", "stop"],
-                       capture_output=True, timeout=120)
+                       capture_output=True, timeout=limit(120))
         shutil.rmtree(data, ignore_errors=True)
 
 
@@ -463,7 +463,7 @@ def test_two_workers_started_separately_share_a_postgresql_study(postgres, small
     time.sleep(1)
     second = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
-    outputs = [p.communicate(timeout=240)[0] for p in (first, second)]
+    outputs = [p.communicate(timeout=limit(240))[0] for p in (first, second)]
     assert [first.returncode, second.returncode] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     study = load(sweep_dir, postgres)
     assert len(complete_trials(study)) == 2

@@ -9,9 +9,11 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from bench.checking import Check, Failed, Steps, free_port, process_tree
+from afqmc_dist.launcher import free_port
 from bench.common import read_jsonl
-from bench.gpu_steps import (
+from bench.gpu_check.checking import Check, Failed, Steps, process_tree
+from bench.gpu_check.limits import BASIS, CPU
+from bench.gpu_check.steps_one_device import (
     BATCH,
     DATA,
     checkpoints,
@@ -43,9 +45,10 @@ def dev_logits(best_dir: Path, weights: Path):
         return model.eval()(**batch).logits
 
 
-@steps.add("multi_gpu_equivalence", "2 gpus", 150,
+@steps.add("multi_gpu_equivalence", "2 gpus",
            "1 vs 2 processes with --global_batch_size 16, dropout 0, TF32 off: dev predictions equal, logits "
-           "within 1e-4 (as tests/test_global_batch.py on the CPU)")
+           "within 1e-4 (as tests/test_global_batch.py on the CPU)", part=2, cpu_seconds=CPU["multi_gpu_equivalence"],
+           basis=BASIS["multi_gpu_equivalence"], processes=3)
 def multi_gpu_equivalence(check: Check) -> dict:
     model, total = tiny_model(check, dropout=0.0), 2 * steps_per_epoch()
     logits = {}
@@ -78,9 +81,10 @@ def rank_pids(root: int, rank: int) -> list[int]:
     return found
 
 
-@steps.add("multi_gpu_sigterm", "2 gpus", 150,
+@steps.add("multi_gpu_sigterm", "2 gpus",
            "2 processes (NCCL), SIGTERM to rank 1 only: the stop-signal group stops both ranks at the same step, "
-           "exit 3 and a complete checkpoint")
+           "exit 3 and a complete checkpoint", part=2, cpu_seconds=CPU["multi_gpu_sigterm"],
+           basis=BASIS["multi_gpu_sigterm"], processes=2)
 def multi_gpu_sigterm(check: Check) -> dict:
     epochs = 20
     out, total = check.work / "sigterm-2gpu", epochs * steps_per_epoch()

@@ -9,8 +9,17 @@ from __future__ import annotations
 import statistics
 import sys
 
-from bench.checking import Check, Failed, Steps
-from bench.gpu_steps import CHECKPOINT_EVERY, SAMPLE, one_process, read_json, run_args, steps_per_epoch, verify_run
+from bench.gpu_check.checking import Check, Failed, Steps
+from bench.gpu_check.limits import BASIS, CPU
+from bench.gpu_check.steps_one_device import (
+    CHECKPOINT_EVERY,
+    SAMPLE,
+    one_process,
+    read_json,
+    run_args,
+    steps_per_epoch,
+    verify_run,
+)
 
 steps = Steps()
 BENCH_ROWS = ("tutorial", "trainer_grouped", "tool_default")
@@ -22,8 +31,9 @@ def steady_rate(metrics: list[dict]) -> float | None:
     return statistics.median(windows[1:]) if len(windows) > 1 else None
 
 
-@steps.add("torch_compile_bf16", "gpu", 180,
-           "--torch_compile in bf16 (train/test/predict): recompilations counted, samples/s against train_bf16 (eager)")
+@steps.add("torch_compile_bf16", "gpu",
+           "--torch_compile in bf16 (train/test/predict): recompilations counted, samples/s against train_bf16 (eager)",
+           part=1, cpu_seconds=CPU["torch_compile_bf16"], basis=BASIS["torch_compile_bf16"], compiles=True)
 def torch_compile_bf16(check: Check) -> dict:
     from bench.common import read_jsonl
 
@@ -54,8 +64,9 @@ def torch_compile_bf16(check: Check) -> dict:
     return numbers
 
 
-@steps.add("bench_bert_base_bf16", "gpu", 200,
-           "bench/throughput.py, bert-base shape, bf16: tutorial loop vs Trainer vs tool (samples/s, MFU, GPU memory)")
+@steps.add("bench_bert_base_bf16", "gpu",
+           "bench/throughput.py, bert-base shape, bf16: tutorial loop vs Trainer vs tool (samples/s, MFU, GPU memory)",
+           part=2, cpu_seconds=CPU["bench_bert_base_bf16"], basis=BASIS["bench_bert_base_bf16"], processes=5)
 def bench_bert_base_bf16(check: Check) -> dict:
     result_file = check.work / "bench.json"
     # The 240 sample pairs repeated to 1024: enough steps to measure, few enough for the check's time budget.

@@ -32,21 +32,41 @@ class Failed(Exception):
         self.numbers = numbers or {}
 
 
+# A step's time limit is derived, not guessed: the seconds its work took on the 2-core CPU machine the project is
+# developed on (the step itself where it runs on a CPU, else the same work there: `basis` says which; see
+# limits.py), times SAFETY, plus CUDA_START for each process the step starts (CUDA context, cuBLAS/cuDNN handles;
+# NCCL with 2 GPUs). A step that compiles (torch.compile) is given COMPILE_FACTOR instead of SAFETY: its CPU time is
+# mostly inductor compiling C++, and Triton compiling GPU kernels takes as long again at most. The tiny models of
+# the check train no faster on a GPU than on the CPU (too small to keep it busy), so the CPU time bounds the GPU's.
+SAFETY = 1.5
+COMPILE_FACTOR = 2.0
+CUDA_START = 15.0
+
+
 @dataclass
 class Step:
     name: str
     needs: str  # "any" (runs on a CPU too), "gpu" or "2 gpus"
-    timeout: float  # seconds for the whole step, every command in it included
     what: str  # one line for the report
     run: object  # function(check) -> dict of numbers
+    part: int  # which call of the check runs it (bash bench/gpu_check.sh OUT --part N)
+    cpu_seconds: float  # its work, measured on the CPU
+    basis: str  # what was measured
+    processes: int = 1  # processes it starts (each pays CUDA_START)
+    compiles: bool = False
+
+    @property
+    def timeout(self) -> float:
+        """Seconds for the whole step, every command in it included."""
+        return round(self.cpu_seconds * (COMPILE_FACTOR if self.compiles else SAFETY) + CUDA_START * self.processes)
 
 
 class Steps(list):
-    """The steps of a module, in the order they are defined: `@steps.add(name, needs, timeout, what)`."""
+    """The steps of a module, in the order they are defined: `@steps.add(name, needs, what, part=..., ...)`."""
 
-    def add(self, name: str, needs: str, timeout: float, what: str):
+    def add(self, name: str, needs: str, what: str, **limits):
         def register(function):
-            self.append(Step(name, needs, timeout, what, function))
+            self.append(Step(name, needs, what, function, **limits))
             return function
         return register
 
@@ -194,12 +214,3 @@ class Check:
             raise Failed(f"{what}: still running at the step's time limit (killed)")
         if done.returncode != status:
             raise Failed(f"{what}: exit status {done.returncode}, expected {status}: {done.last_line()}")
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now, for the rendezvous of a launch."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

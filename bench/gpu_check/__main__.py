@@ -1,19 +1,23 @@
-"""Every GPU-only check of the project in one command, for a machine lent for minutes: `bash bench/gpu_check.sh OUT`.
+"""Every GPU-only check of the project, for a machine lent for minutes: two calls of `bash bench/gpu_check.sh`.
 
-    bash bench/gpu_check.sh OUT                    # every step (gpu_check.sh calls `python -m bench.gpu_check OUT`)
+    bash bench/gpu_check.sh OUT --part 1           # pytest -m gpu, train in every precision, torch.compile
+    bash bench/gpu_check.sh OUT --part 2           # FSDP2 kill + resume, SIGTERM + resume, the bench, 2 GPUs
+    bash bench/gpu_check.sh OUT                    # both parts in one call
     bash bench/gpu_check.sh OUT sigterm_resume     # only the named steps (e.g. to rerun the ones that failed)
 
-Writes OUT/gpu_check.json (the report) and OUT/gpu_check.log (every command with its whole output). The steps are
-in gpu_steps.py (correctness on one device), gpu_steps_speed.py (torch.compile, the bench) and gpu_steps_multi.py
-(2+ GPUs), the machinery in checking.py. Each step needs either nothing ("any": on a machine without a GPU it
-runs on the CPU), a CUDA GPU ("gpu") or two ("2 gpus"), and is skipped, saying why, where that is missing.
+Writes OUT/gpu_check.json (the report; a second part adds its steps to the first's) and OUT/gpu_check.log (every
+command with its whole output). The steps are in steps_one_device.py (correctness on one device), steps_speed.py
+(torch.compile, the bench) and steps_multi.py (2+ GPUs), the machinery in checking.py, each step's time limit
+derived from its work measured on a CPU (limits.py). Each step needs either nothing ("any": on a machine without
+a GPU it runs on the CPU), a CUDA GPU ("gpu") or two ("2 gpus"), and is skipped, saying why, where that is
+missing.
 
 Made to survive a bad machine:
 - no network: HF_HUB_OFFLINE=1, no W&B, a tiny model built on the spot, the bundled sample data;
-- every command runs under the time limit of its step (and of the whole check: `--budget`, default 440 s, so
-  that the check ends within 8 minutes however the steps go); at the limit the command's whole process tree is
-  killed, the step is recorded as failed and the next step runs; a step that can no longer start within the
-  budget is skipped, saying so;
+- every command runs under the time limit of its step (and of the call: `--budget`, by default PART_BUDGET per
+  part, so that each call ends within 9 minutes however its steps go; the limits are worst cases, derived from
+  CPU timings: a GPU machine takes about half); at the limit the command's whole process tree is killed, the step
+  is recorded as failed and the next step runs; a step that can no longer start within the budget is skipped;
 - the report is rewritten after every step (atomically: never half-written), and before a step starts it already
   says "failed: did not finish" for it: if the whole check is killed, the report still says where;
 - the work (models, runs, checkpoints) goes to a temporary folder that is removed at the end (`--keep_work` keeps
@@ -38,13 +42,15 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import gpu_steps, gpu_steps_multi, gpu_steps_speed
-from bench.checking import Check, Failed, Skipped, Step
 from bench.common import REPO
+from bench.gpu_check import steps_multi, steps_one_device, steps_speed
+from bench.gpu_check.checking import Check, Failed, Skipped, Step
 
-STEPS: list[Step] = [*gpu_steps.steps, *gpu_steps_speed.steps, *gpu_steps_multi.steps]
+# Every step, part 1's first (within a part, in the order the modules define them).
+STEPS: list[Step] = sorted([*steps_one_device.steps, *steps_speed.steps, *steps_multi.steps], key=lambda s: s.part)
+PARTS = (1, 2)
 REPORT, LOG = "gpu_check.json", "gpu_check.log"
-DEFAULT_BUDGET = 440.0
+PART_BUDGET = 480.0  # seconds per call: with its own start-up, each call stays under 9 minutes
 
 
 def probe() -> None:
@@ -78,7 +84,7 @@ def probe() -> None:
 def machine_info(python: str) -> dict:
     """Versions and GPUs, asked of a separate interpreter (this process never initialises CUDA). When that fails,
     `probe_error` says why and the check fails: a GPU machine must not pass by skipping its GPU steps."""
-    command = [python, "-c", "from bench.gpu_check import probe; probe()"]
+    command = [python, "-c", "from bench.gpu_check.__main__ import probe; probe()"]
     host = {"host": os.uname().nodename, "cpus": os.cpu_count()}
     try:
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -142,9 +148,11 @@ def run_step(spec: Step, check: Check) -> dict:
     return {**entry, "status": status, "reason": reason, "seconds": seconds, **numbers}
 
 
-def summary(steps: list[dict], started: float, budget: float, machine: dict) -> dict:
+def summary(steps: list[dict], calls: dict, machine: dict) -> dict:
+    """Counts over every step reported so far; seconds and budget over every call of the check."""
     counts = {status: sum(s["status"] == status for s in steps) for status in ("passed", "failed", "skipped")}
-    return {**counts, "seconds": round(time.monotonic() - started, 1), "budget_seconds": budget,
+    return {**counts, "seconds": round(sum(c["seconds"] for c in calls.values()), 1),
+            "budget_seconds": sum(c["budget_seconds"] for c in calls.values()),
             "ok": counts["failed"] == 0 and "probe_error" not in machine}
 
 
@@ -153,14 +161,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="folder for gpu_check.json and gpu_check.log (created if missing)")
     p.add_argument("steps", nargs="*", metavar="STEP", help="run only these: " + ", ".join(s.name for s in STEPS))
-    p.add_argument("--budget", type=float, default=float(os.environ.get("GPU_CHECK_BUDGET", DEFAULT_BUDGET)),
-                   help=f"seconds for the whole check (default {DEFAULT_BUDGET:.0f}, or $GPU_CHECK_BUDGET)")
+    p.add_argument("--part", type=int, choices=PARTS, help="run one part of the check (both when not given)")
+    p.add_argument("--budget", type=float, default=os.environ.get("GPU_CHECK_BUDGET"),
+                   help=f"seconds for this call (default {PART_BUDGET:.0f} per part, or $GPU_CHECK_BUDGET)")
     p.add_argument("--keep_work", action="store_true", help="keep the scratch folder (runs, models, checkpoints)")
     args = p.parse_args(argv)
     unknown = [name for name in args.steps if name not in {s.name for s in STEPS}]
     if unknown:
         p.error(f"unknown step {unknown[0]!r}: choose from {', '.join(s.name for s in STEPS)}")
+    if args.budget is None:
+        args.budget = PART_BUDGET * (1 if args.part or args.steps else len(PARTS))
     return args
+
+
+def selected_steps(args: argparse.Namespace) -> list[Step]:
+    return [s for s in STEPS if (not args.steps or s.name in args.steps) and (not args.part or s.part == args.part)]
+
+
+def earlier_report(out: Path, args: argparse.Namespace) -> dict | None:
+    """The report this call adds to: part 2's and named steps' add to the one in OUT (part 1 starts anew)."""
+    path = out / REPORT
+    if args.part == 1 or not (args.part or args.steps) or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
 
 
 def environment(work: Path) -> dict:
@@ -178,32 +204,50 @@ def environment(work: Path) -> dict:
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
+def run_steps(selected: list[Step], check: Check, out: Path, report: dict, started: float, budget: float) -> None:
+    """Run the steps one after the other, the report rewritten around each (it says where a killed check was)."""
+    entries = {e["name"]: e for e in report["steps"]}
+    for spec in selected:
+        entries[spec.name] = {"name": spec.name, "needs": spec.needs, "what": spec.what, "status": "skipped",
+                              "seconds": 0.0, "reason": "not reached: the check ended before this step"}
+    order = [s.name for s in STEPS if s.name in entries]
+
+    def write(calls: dict) -> None:
+        report["steps"] = [entries[name] for name in order]
+        report["summary"] = summary(report["steps"], calls, check.machine)
+        write_report(out, report)
+
+    calls = {**report.get("calls", {}), str(len(report.get("calls", {})) + 1): {
+        "steps": [s.name for s in selected], "budget_seconds": budget, "seconds": 0.0}}
+    report["calls"] = calls
+    this_call = calls[str(len(calls))]
+    for spec in selected:
+        entries[spec.name] = {**entries[spec.name], "status": "failed",
+                              "reason": "did not finish: the check was killed while it ran"}
+        write(calls)
+        entries[spec.name] = run_step(spec, check)
+        this_call["seconds"] = round(time.monotonic() - started, 1)
+        write(calls)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    selected = [s for s in STEPS if not args.steps or s.name in args.steps]
-    with open(out / LOG, "w", encoding="utf-8") as log_file:
+    selected = selected_steps(args)
+    report = earlier_report(out, args) or {"steps": []}
+    with open(out / LOG, "a" if report["steps"] else "w", encoding="utf-8") as log_file:
         check = Check(work=work, log_path=out / LOG, machine={}, env=environment(work),
                       deadline=started + args.budget, log_file=log_file)
         check.say(f"gpu_check: {len(selected)} step(s), budget {args.budget:.0f} s, scratch {work}")
-        check.machine = machine_info(sys.executable)
+        check.machine = report["machine"] = machine_info(sys.executable)
         check.say(f"machine: {json.dumps(check.machine)}")
         if shutil.which("nvidia-smi"):
             check.step_deadline = time.monotonic() + 30
             check.command(["nvidia-smi"])
-        steps = [{"name": s.name, "needs": s.needs, "what": s.what, "status": "skipped", "seconds": 0.0,
-                  "reason": "not reached: the check ended before this step"} for s in selected]
-        report = {"machine": check.machine, "steps": steps,
-                  "summary": summary(steps, started, args.budget, check.machine)}
-        for i, spec in enumerate(selected):
-            steps[i] = {**steps[i], "status": "failed", "reason": "did not finish: the check was killed while it ran"}
-            write_report(out, report)
-            steps[i] = run_step(spec, check)
-            report["summary"] = summary(steps, started, args.budget, check.machine)
-            write_report(out, report)
+        run_steps(selected, check, out, report, started, args.budget)
         s = report["summary"]
         check.say(f"\ngpu_check: {s['passed']} passed, {s['failed']} failed, {s['skipped']} skipped "
                   f"in {s['seconds']:.0f} s -> {out / REPORT}")
@@ -211,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scratch kept in {work}", file=sys.stderr)
     else:
         shutil.rmtree(work, ignore_errors=True)
-    for entry in steps:
+    for entry in report["steps"]:
         reason = f": {entry['reason']}" if entry["reason"] else ""
         print(f"{entry['status']:>8}  {entry['name']}{reason}")
     if "probe_error" in check.machine:

@@ -16,8 +16,10 @@ import signal
 import sys
 from pathlib import Path
 
-from bench.checking import Check, Failed, Skipped, Steps, free_port
+from afqmc_dist.launcher import free_port
 from bench.common import REPO, read_jsonl
+from bench.gpu_check.checking import Check, Failed, Skipped, Steps
+from bench.gpu_check.limits import BASIS, CPU
 
 SAMPLE = REPO / "afqmc_dist" / "sample_data"
 DATA = {"train": SAMPLE / "train.json", "dev": SAMPLE / "dev.json", "test": SAMPLE / "test.json"}
@@ -164,7 +166,8 @@ def pytest_step(check: Check, selection: list[str], tag: str) -> dict:
     return numbers
 
 
-@steps.add("gpu_tests", "gpu", 150, "pytest -m gpu tests (the fp16 overflow tests run in fp16_overflow)")
+@steps.add("gpu_tests", "gpu", "pytest -m gpu tests (the fp16 overflow tests run in fp16_overflow)",
+           part=1, cpu_seconds=CPU["gpu_tests"], basis=BASIS["gpu_tests"], processes=3)
 def gpu_tests(check: Check) -> dict:
     return pytest_step(check, ["tests", "-k", "not overflow"], "gpu_tests")
 
@@ -185,17 +188,20 @@ def train_precision(check: Check, precision: str) -> dict:
     return {**numbers, "seconds_with_start_up": round(done.seconds, 1)}
 
 
-@steps.add("train_fp32", "any", 90, "train/test/predict in fp32 with checkpoints (on the CPU where there is no GPU)")
+@steps.add("train_fp32", "any", "train/test/predict in fp32 with checkpoints (on the CPU where there is no GPU)",
+           part=1, cpu_seconds=CPU["train_fp32"], basis=BASIS["train_fp32"])
 def train_fp32(check: Check) -> dict:
     return train_precision(check, "fp32")
 
 
-@steps.add("train_bf16", "gpu", 90, "train/test/predict in bf16 on one GPU with checkpoints")
+@steps.add("train_bf16", "gpu", "train/test/predict in bf16 on one GPU with checkpoints",
+           part=1, cpu_seconds=CPU["train_fp32"], basis=BASIS["train_bf16"])
 def train_bf16(check: Check) -> dict:
     return train_precision(check, "bf16")
 
 
-@steps.add("train_fp16", "gpu", 90, "train/test/predict in fp16 on one GPU with checkpoints (grad scaler saved)")
+@steps.add("train_fp16", "gpu", "train/test/predict in fp16 on one GPU with checkpoints (grad scaler saved)",
+           part=1, cpu_seconds=CPU["train_fp32"], basis=BASIS["train_fp16"])
 def train_fp16(check: Check) -> dict:
     return train_precision(check, "fp16")
 
@@ -220,8 +226,10 @@ def compare_predictions(reference: list[dict], other: list[dict], what: str, lim
     return numbers
 
 
-@steps.add("bf16_predictions_match_fp32", "any", 60,
-           "python -m afqmc_dist.predict with train_fp32's best/ in fp32 and in bf16: same labels, close probabilities")
+@steps.add("bf16_predictions_match_fp32", "any",
+           "python -m afqmc_dist.predict with train_fp32's best/ in fp32 and in bf16: same labels, close probabilities",
+           part=1, cpu_seconds=CPU["bf16_predictions_match_fp32"], basis=BASIS["bf16_predictions_match_fp32"],
+           processes=2)
 def bf16_predictions_match_fp32(check: Check) -> dict:
     trained = check.earlier("train_fp32", "best/")
     preds = {}
@@ -237,9 +245,9 @@ def bf16_predictions_match_fp32(check: Check) -> dict:
     return numbers
 
 
-@steps.add("fp16_overflow", "gpu", 90,
+@steps.add("fp16_overflow", "gpu",
            "pytest -m gpu tests/test_engines.py -k overflow: an fp16 loss-scale overflow with and without "
-           "--skip_nonfinite_loss")
+           "--skip_nonfinite_loss", part=1, cpu_seconds=CPU["fp16_overflow"], basis=BASIS["fp16_overflow"])
 def fp16_overflow(check: Check) -> dict:
     if not (REPO / "tests" / "test_engines.py").exists():
         raise Skipped("no test collected: tests/test_engines.py does not exist")
@@ -264,9 +272,10 @@ def compare_weights(a: Path, b: Path) -> dict:
     return {"bit_identical": identical, "max_relative_difference": relative, "worst_tensor": worst}
 
 
-@steps.add("fsdp2_kill_resume", "gpu", 150,
+@steps.add("fsdp2_kill_resume", "gpu",
            "FSDP2 on one GPU (launch/sharded.sh, 1 process) with --do_test --do_predict; SIGKILL, resume latest: "
-           "best/ equals an uninterrupted run's")
+           "best/ equals an uninterrupted run's", part=2, cpu_seconds=CPU["fsdp2_kill_resume"],
+           basis=BASIS["fsdp2_kill_resume"], processes=3)
 def fsdp2_kill_resume(check: Check) -> dict:
     env = {"NPROC": "1", "ENGINE": "fsdp", "MIXED_PRECISION": "no"}
     epochs, total = 4, 4 * steps_per_epoch()  # 60 steps: time to be killed after the first checkpoint
@@ -305,9 +314,9 @@ def fsdp2_kill_resume(check: Check) -> dict:
     return numbers
 
 
-@steps.add("sigterm_resume", "any", 120,
+@steps.add("sigterm_resume", "any",
            "SIGTERM to the launcher mid-run: exit 3 and a complete checkpoint; --resume_from_checkpoint latest "
-           "continues")
+           "continues", part=2, cpu_seconds=CPU["sigterm_resume"], basis=BASIS["sigterm_resume"], processes=2)
 def sigterm_resume(check: Check) -> dict:
     # Long enough on a GPU for the signal to land mid-run; a CPU is slow enough with 2 epochs.
     epochs = 20 if check.cuda else 2
