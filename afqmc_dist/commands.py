@@ -6,6 +6,7 @@ same commands run as `python train.py` and `python -m afqmc_dist.<module>`.
     afqmc-predict   python -m afqmc_dist.predict      afqmc-launch     python -m afqmc_dist.launcher
     afqmc-report    python -m afqmc_dist.report       afqmc-download   python -m afqmc_dist.download
     afqmc-restore   python -m afqmc_dist.restore      afqmc-tiny-model python -m afqmc_dist.tiny_model
+    afqmc-export    python -m afqmc_dist.export       afqmc-kfold      python -m afqmc_dist.kfold
 """
 
 from __future__ import annotations
@@ -33,3 +34,5 @@ launch = _command("launcher")
 download = _command("download")
 restore = _command("restore")
 tiny_model = _command("tiny_model")
+export = _command("export.__main__")
+kfold = _command("kfold.__main__")

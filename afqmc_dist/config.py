@@ -26,18 +26,19 @@ TRACKERS = ("wandb", "tensorboard", "mlflow")
 
 
 # The --help groups, in the order --help lists them.
-GROUPS = ("model", "data", "training", "evaluation and saving", "checkpoints and resume", "speed",
+GROUPS = ("model", "data", "training", "training recipes", "evaluation and saving", "checkpoints and resume", "speed",
           "logging and trackers", "distributed")
 
 
-def option(default, help: str, group: str, *, aliases=(), above=None, at_least=None, below=None,
+def option(default, help: str, group: str, *, aliases=(), above=None, at_least=None, below=None, at_most=None,
            resumed: bool | str | Callable = False, path: bool = False):
-    """A RunConfig field. `above` / `at_least` / `below`: the range a given value must be in (None: unchecked);
+    """A RunConfig field. `above` / `at_least` / `below` / `at_most`: the range a given value must be in (None:
+    unchecked);
     `resumed`: a resumed run must have the same value (True), the same file content ("content"), or the same
     `resumed(cfg)`; `path`: a file or folder (a sweep makes it absolute)."""
     assert group in GROUPS, group
     metadata = {"help": help, "group": group, "aliases": list(aliases), "above": above, "at_least": at_least,
-                "below": below, "resumed": resumed, "path": path}
+                "below": below, "at_most": at_most, "resumed": resumed, "path": path}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -57,6 +58,10 @@ class RunConfig:
         "seq: the standard AutoModelForSequenceClassification head (pooler + linear). cls: the tutorial's "
         "head ([CLS] vector, dropout, linear, no pooler; BERT checkpoints only).",
         "model", resumed=True)
+    allow_untested_architecture: bool = option(False,
+        "Train a checkpoint of an architecture this tool has not been tested with (tested: bert, roberta, "
+        "xlm-roberta, ernie, electra, deberta-v2, megatron-bert, modernbert; see docs/models.md).",
+        "model")
     # --- data ---------------------------------------------------------------------------------------------------------
     train_file: str | None = option(None, "JSON-lines training pairs.", "data", resumed="content", path=True)
     dev_file: str | None = option(None,
@@ -138,6 +143,34 @@ class RunConfig:
     skip_nonfinite_loss: bool = option(False,
         "Skip optimizer steps whose loss is NaN/inf instead of stopping the run (costs a host sync per step).",
         "training")
+    # --- training recipes (all off by default) ------------------------------------------------------------------------
+    class_weights: str | None = option(None,
+        "Weight each pair's loss by its label: 'auto' (N / (labels x N_label) from the training file, so rarer "
+        "labels weigh more and the mean weight is 1; recorded in run_config.json) or one weight per label, "
+        "'W0,W1,...' in --label_list order. The loss stays the mean over the global batch.",
+        "training recipes", resumed=True)
+    label_smoothing: float = option(0.0,
+        "Label smoothing of the cross-entropy (0.1 is common).",
+        "training recipes", at_least=0.0, below=1.0, resumed=True)
+    layerwise_lr_decay: float | None = option(None,
+        "Layer-wise learning-rate decay F: the head gets --learning_rate, the top encoder layer x F, the next "
+        "x F^2, ..., the embeddings x F^(layers+1) (0.9-0.95 is common).",
+        "training recipes", above=0.0, at_most=1.0, resumed=True)
+    ema_decay: float | None = option(None,
+        "Keep an exponential moving average of the weights (e.g. 0.999), updated after every optimizer step; "
+        "evaluation and best/ use it. Saved in every checkpoint.",
+        "training recipes", above=0.0, below=1.0, resumed=True)
+    adversarial: Literal["fgm"] | None = option(None,
+        "Adversarial training on the word embeddings: 'fgm' (Fast Gradient Method: a second forward and backward "
+        "with the embeddings moved by --adversarial_epsilon along their gradient, then put back exactly).",
+        "training recipes", resumed=True)
+    adversarial_epsilon: float = option(1.0,
+        "The size of FGM's step on the embeddings (the norm of the perturbation).",
+        "training recipes", above=0.0, resumed=lambda cfg: cfg.adversarial_epsilon if cfg.adversarial else None)
+    rdrop_alpha: float = option(0.0,
+        "R-Drop: each pair goes through the model twice (two dropout masks) and the loss adds ALPHA x the "
+        "symmetric KL divergence of the two predictions (0: off; 1-5 is common).",
+        "training recipes", at_least=0.0, resumed=True)
     # --- evaluation and saving ----------------------------------------------------------------------------------------
     output_dir: str | None = option(None,
         "Where best/, results.json, metrics.jsonl and predictions go.",
@@ -167,6 +200,11 @@ class RunConfig:
     early_stopping_threshold: float = option(0.0,
         "Minimum gain in --metric_for_best_model that counts as an improvement.",
         "evaluation and saving", at_least=0.0)
+    predict_piece_size: int = option(10000,
+        "--do_predict writes OUTPUT_DIR/predictions.jsonl in pieces of this many pairs (in "
+        "predictions.jsonl.parts/ until it is whole): a run stopped while predicting keeps its complete pieces "
+        "when it runs again.",
+        "evaluation and saving", above=0)
     # --- checkpoints and resume ---------------------------------------------------------------------------------------
     checkpointing_steps: str | None = option(None,
         "Save the full training state to OUTPUT_DIR/checkpoints/step_N every N optimizer steps, or 'epoch' "
@@ -277,6 +315,23 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def explicit_class_weights(self) -> list[float] | None:
+        """--class_weights W0,W1,... as numbers, one per label (UserError naming what is wrong); None for no weights
+        or 'auto' (training/loss.py counts the training file's labels)."""
+        if self.class_weights in (None, "auto"):
+            return None
+        try:
+            values = [float(v) for v in self.class_weights.split(",")]
+        except ValueError:
+            raise UserError(f"--class_weights must be 'auto' or one number per label (W0,W1,...), got "
+                            f"{self.class_weights!r}") from None
+        if len(values) != len(self.label_list):
+            raise UserError(f"--class_weights gives {len(values)} weight(s) for {len(self.label_list)} labels "
+                            f"{list(self.label_list)}: give one per label, in that order")
+        if not all(math.isfinite(v) and v > 0 for v in values):
+            raise UserError(f"--class_weights must be positive finite numbers, got {self.class_weights!r}")
+        return values
+
     def fingerprint(self) -> dict:
         """What a resumed run must keep (the options defined with `resumed`): their values, or the sha256 of
         their files' content. The rest of the fingerprint (the model's size, the global batch) is added by
@@ -335,6 +390,7 @@ class RunConfig:
             raise UserError(f"--label_list needs at least two distinct labels, got {self.label_list}")
         if self.positive_label not in self.label_list:
             raise UserError(f"--positive_label {self.positive_label!r} is not in --label_list {self.label_list}")
+        self.explicit_class_weights()
         if self.sentence1_key == self.sentence2_key:
             raise UserError("--sentence1_key and --sentence2_key must differ")
         if self.checkpointing_steps is not None and self.checkpointing_steps != "epoch" \
@@ -371,15 +427,19 @@ def check_range(f: dataclasses.Field, value) -> None:
         raise UserError(f"--{f.name} must be a finite number, got {value}")
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
-    above, at_least, below = (f.metadata.get(key) for key in ("above", "at_least", "below"))
-    if above is not None and not value > above:
-        raise UserError(f"--{f.name} must be > {above}, got {value}")
-    if at_least is not None and below is not None and not at_least <= value < below:
-        span = f"a whole number from {at_least} to {below - 1}" if isinstance(below, int) and isinstance(
-            at_least, int) else f"in [{at_least:g}, {below:g})"
+    above, at_least, below, at_most = (f.metadata.get(key) for key in ("above", "at_least", "below", "at_most"))
+    # Each side: (its bracket for an interval, the same as a comparison, whether the value is within it).
+    low = (f"({above:g}", f"> {above:g}", value > above) if above is not None else \
+        (f"[{at_least:g}", f">= {at_least:g}", value >= at_least) if at_least is not None else None
+    high = (f"{below:g})", f"< {below:g}", value < below) if below is not None else \
+        (f"{at_most:g}]", f"<= {at_most:g}", value <= at_most) if at_most is not None else None
+    if low and high and not (low[2] and high[2]):
+        whole = isinstance(at_least, int) and isinstance(below, int)
+        span = f"a whole number from {at_least} to {below - 1}" if whole else f"in {low[0]}, {high[0]}"
         raise UserError(f"--{f.name} must be {span}, got {value}")
-    if at_least is not None and not value >= at_least:
-        raise UserError(f"--{f.name} must be >= {at_least:g}, got {value}")
+    for side in (low, high):
+        if side and not side[2]:
+            raise UserError(f"--{f.name} must be {side[1]}, got {value}")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from collections import Counter
 from collections.abc import Iterator
 
 import torch
@@ -47,6 +48,11 @@ class PairDataset(Dataset):
         """Token count of every pair (after `encode`)."""
         return self.encodings.lengths
 
+    @property
+    def label_counts(self) -> Counter:
+        """Pairs per class id."""
+        return Counter(e.label for e in self.examples)
+
     def __len__(self) -> int:
         return len(self.examples)
 
@@ -81,10 +87,11 @@ class StreamingPairDataset(IterableDataset):
         self.path, self.schema, self.seed, self.buffer_size, self.limit = path, schema, seed, buffer_size, limit
         self.epoch, self.pad_to, self.batch_size = 0, 1, 1
         self.tokenizer, self.max_length = None, None
-        count = sum(1 for _ in iter_pairs(path, schema, require_label=True))
-        if count == 0:
+        labels = (e.label for e in iter_pairs(path, schema, require_label=True))  # every line checked
+        self.label_counts = Counter(label for i, label in enumerate(labels) if limit is None or i < limit)
+        self.num_examples = sum(self.label_counts.values())
+        if self.num_examples == 0:
             raise UserError(f"{path}: no examples in file")
-        self.num_examples = min(count, limit) if limit else count
 
     def encode(self, tokenizer, max_length: int, cache_dir: str | None = None) -> None:
         self.tokenizer, self.max_length = tokenizer, max_length  # a stream is tokenised on the fly: no cache
@@ -141,14 +148,17 @@ class StreamingPairDataset(IterableDataset):
 class PairCollator:
     """Pad encoded dataset items into one batch.
 
-    Output: input_ids, token_type_ids, attention_mask `[B, T]`, with T the longest pair of the batch (rounded up
-    to `pad_to_multiple_of`, but never beyond `max_length`, the run's max length, which fits the model's
-    positions); `index` `[B]` (position in the dataset, to put gathered predictions back in order); `weight`
-    `[B]` float (1, or 0 for padding copies that must not count); `labels` `[B]` when every item has one.
+    Output: input_ids, attention_mask `[B, T]`, with T the longest pair of the batch (rounded up to
+    `pad_to_multiple_of`, but never beyond `max_length`, the run's max length, which fits the model's positions);
+    token_type_ids `[B, T]` for a model that takes them (`token_types`: architectures.takes_token_types); `index`
+    `[B]` (position in the dataset, to put gathered predictions back in order); `weight` `[B]` float (1, or 0 for
+    padding copies that must not count); `labels` `[B]` when every item has one.
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, max_length: int | None = None):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, max_length: int | None = None,
+                 token_types: bool = True):
         self.pad_token_id, self.pad_to_multiple_of, self.max_length = pad_token_id, pad_to_multiple_of, max_length
+        self.token_types = token_types
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         lengths = [len(item["input_ids"]) for item in items]
@@ -163,20 +173,20 @@ class PairCollator:
             input_ids[row, :length] = item["input_ids"]
             token_type_ids[row, :length] = item["token_type_ids"]
             attention_mask[row, :length] = 1
-        batch = {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask,
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
                  "index": torch.tensor([item["index"] for item in items]),
                  "weight": torch.tensor([item.get("weight", 1.0) for item in items])}
+        if self.token_types:
+            batch["token_type_ids"] = token_type_ids
         if all(item["label"] is not None for item in items):
             batch["labels"] = torch.tensor([item["label"] for item in items])
         return batch
 
 
 def load_datasets(cfg, schema: PairSchema) -> dict[str, Dataset]:
-    """Read and validate every input file the run needs, before any model is loaded or any step is taken.
-
-    A bad line in the test file then stops the run at once, not after hours of training. Keys: "train" and
-    "dev" with --do_train, "test" with --do_test, "predict" with --do_predict.
-    """
+    """Read and validate the training and dev files, before any model is loaded or any step is taken: "train" and
+    "dev" with --do_train. (The test and predict files, of any size, are checked by a streaming pass instead:
+    inference/scan.py; run.py checks them here too, before anything is written.)"""
     datasets: dict[str, Dataset] = {}
     if cfg.do_train:
         if cfg.streaming:
@@ -185,10 +195,6 @@ def load_datasets(cfg, schema: PairSchema) -> dict[str, Dataset]:
         else:
             datasets["train"] = PairDataset(read_pairs(cfg.train_file, schema, True, cfg.max_train_samples))
         datasets["dev"] = PairDataset(read_pairs(cfg.dev_file, schema, True, cfg.max_eval_samples))
-    if cfg.do_test:
-        datasets["test"] = PairDataset(read_pairs(cfg.test_file, schema, True))
-    if cfg.do_predict:
-        datasets["predict"] = PairDataset(read_pairs(cfg.predict_input, schema, False))
     return datasets
 
 
@@ -200,7 +206,14 @@ def encode_datasets(datasets: dict[str, Dataset], tokenizer, cfg, accelerator) -
             dataset.encode(tokenizer, cfg.max_seq_length, cache_dir)
 
 
-def _loader_options(cfg, tokenizer, accelerator, streaming: bool = False) -> dict:
+def pad_multiple(cfg, accelerator) -> int | None:
+    """What batch lengths are rounded up to: --pad_to_multiple_of, or 8 on a GPU with mixed precision (what tensor
+    cores want), or nothing."""
+    on_gpu = accelerator.device.type == "cuda"
+    return cfg.pad_to_multiple_of or (8 if on_gpu and accelerator.mixed_precision != "no" else None)
+
+
+def _loader_options(cfg, tokenizer, accelerator, streaming: bool = False, token_types: bool = True) -> dict:
     """DataLoader arguments shared by training and evaluation. On a GPU, batches go through pinned memory and,
     with mixed precision, lengths are rounded up to a multiple of 8 (what tensor cores want), up to
     --max_seq_length at most.
@@ -211,13 +224,13 @@ def _loader_options(cfg, tokenizer, accelerator, streaming: bool = False) -> dic
     created, and `set_epoch` on the main process's copy would not reach them.
     """
     on_gpu = accelerator.device.type == "cuda"
-    multiple = cfg.pad_to_multiple_of or (8 if on_gpu and accelerator.mixed_precision != "no" else None)
     workers = cfg.dataloader_num_workers
-    return {"collate_fn": PairCollator(tokenizer.pad_token_id, multiple, cfg.max_seq_length), "pin_memory": on_gpu,
+    collate = PairCollator(tokenizer.pad_token_id, pad_multiple(cfg, accelerator), cfg.max_seq_length, token_types)
+    return {"collate_fn": collate, "pin_memory": on_gpu,
             "num_workers": workers, "persistent_workers": workers > 0 and not streaming}
 
 
-def make_train_dataloader(dataset: Dataset, cfg, plan, tokenizer, accelerator) -> DataLoader:
+def make_train_dataloader(dataset: Dataset, cfg, plan, tokenizer, accelerator, token_types: bool = True) -> DataLoader:
     """The training DataLoader (before `accelerator.prepare`, which must split its batches: split_batches=True).
 
     Each batch is one micro-batch of `plan.micro_batch` pairs from the stream of global batches (sampling.py):
@@ -228,7 +241,7 @@ def make_train_dataloader(dataset: Dataset, cfg, plan, tokenizer, accelerator) -
     RNG (which also drives dropout): the data order and the dropout stream stay independent and repeatable.
     """
     streaming = isinstance(dataset, IterableDataset)
-    options = _loader_options(cfg, tokenizer, accelerator, streaming)
+    options = _loader_options(cfg, tokenizer, accelerator, streaming, token_types)
     # One process can take a short last micro-batch; several must each get a share of every micro-batch.
     pad_to = plan.micro_batch if plan.num_processes > 1 else 1
     if streaming:
@@ -241,7 +254,8 @@ def make_train_dataloader(dataset: Dataset, cfg, plan, tokenizer, accelerator) -
                       generator=torch.Generator().manual_seed(cfg.seed), **options)
 
 
-def make_eval_dataloader(dataset: PairDataset, cfg, plan, tokenizer, accelerator) -> DataLoader:
+def make_eval_dataloader(dataset: PairDataset, cfg, plan, tokenizer, accelerator,
+                         token_types: bool = True) -> DataLoader:
     """A DataLoader over `dataset` (dev, test or predict input), longest pairs first, before `accelerate.prepare`.
 
     Sorting by length makes large eval batches cheap (almost no padding); `predict` puts the results back in
@@ -251,4 +265,5 @@ def make_eval_dataloader(dataset: PairDataset, cfg, plan, tokenizer, accelerator
     by_length = sorted(range(len(dataset)), key=lambda i: -lengths[i])
     # Its own generator: iterating it must not draw from the global RNG that drives dropout in training.
     return DataLoader(dataset, batch_size=plan.eval_per_device * plan.num_processes, sampler=by_length,
-                      generator=torch.Generator().manual_seed(cfg.seed), **_loader_options(cfg, tokenizer, accelerator))
+                      generator=torch.Generator().manual_seed(cfg.seed),
+                      **_loader_options(cfg, tokenizer, accelerator, token_types=token_types))

@@ -99,8 +99,21 @@ def predict(model, dataloader, accelerator, desc: str = "eval") -> Predictions:
     return Predictions(torch.cat(probs)[order], all_labels, mean_loss, time.perf_counter() - start)
 
 
+def confusion(pred_ids: torch.Tensor, labels: torch.Tensor, num_labels: int) -> list[list[int]]:
+    """Counts of (true class, predicted class): rows true class ids, columns predicted ones."""
+    matrix = torch.zeros(num_labels, num_labels, dtype=torch.long)
+    matrix.index_put_((labels.long(), pred_ids.long()), torch.ones_like(labels, dtype=torch.long), accumulate=True)
+    return matrix.tolist()
+
+
 def classification_metrics(pred_ids: torch.Tensor, labels: torch.Tensor, positive_id: int,
                            label_list: list[str] | None = None, num_labels: int = 2) -> dict:
+    """Metrics of predicted class ids against labels (see `metrics_of_counts`)."""
+    names = list(label_list) if label_list is not None else [str(i) for i in range(num_labels)]
+    return metrics_of_counts(confusion(pred_ids, labels, len(names)), positive_id, names)
+
+
+def metrics_of_counts(matrix: list[list[int]], positive_id: int, names: list[str]) -> dict:
     """Metrics from integer counts, so that 325 right out of 500 reads 0.65 exactly.
 
     `correct` and `count`, `accuracy` = correct / count; the confusion matrix (`[num_labels][num_labels]` counts,
@@ -109,12 +122,7 @@ def classification_metrics(pred_ids: torch.Tensor, labels: torch.Tensor, positiv
     69%). With more (OCNLI, CMNLI), `f1` is the macro-F1 and `precision` / `recall` are macro averages; with any
     number, `per_class` holds each label's precision, recall, F1 and support.
     """
-    names = list(label_list) if label_list is not None else [str(i) for i in range(num_labels)]
     k = len(names)
-    confusion = torch.zeros(k, k, dtype=torch.long)
-    confusion.index_put_((labels.long(), pred_ids.long()), torch.ones_like(labels, dtype=torch.long),
-                         accumulate=True)
-    matrix = confusion.tolist()
     correct, count = sum(matrix[i][i] for i in range(k)), sum(map(sum, matrix))
     per_class = {}
     for i, name in enumerate(names):

@@ -34,9 +34,7 @@ except ImportError:  # pragma: no cover - older huggingface_hub
 LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError, StrictDataclassError,
                pickle.UnpicklingError)
 
-HEAD_PARTS = ("classifier", "score")  # the classification head a fine-tuned model adds
-POOLER = "pooler"  # part of the sequence-classification head; absent from some base checkpoints and from --head cls
-PRETRAINING_HEADS = ("cls.", "lm_head.")  # masked-LM / next-sentence heads of base checkpoints: not used here
+POOLER = "pooler"  # inside some encoders (BERT's): absent from some base checkpoints, and unused by --head cls
 
 
 def reason(error: BaseException, limit: int = 300) -> str:
@@ -50,18 +48,10 @@ def _parts(key: str) -> list[str]:
     return key.split(".")
 
 
-def is_head(key: str) -> bool:
-    """A weight of the classification head (classifier or score layer)."""
-    return any(part in HEAD_PARTS for part in _parts(key))
-
-
-def is_new_head(key: str) -> bool:
-    """A weight a base checkpoint need not have: the classification head and the pooler."""
-    return is_head(key) or POOLER in _parts(key)
-
-
-def is_unused_pretraining_head(key: str) -> bool:
-    return key.startswith(PRETRAINING_HEADS) or POOLER in _parts(key)
+def in_encoder(key: str, encoder: str) -> bool:
+    """A weight of the encoder (the part named by the model class's `base_model_prefix`: `bert`, `roberta`,
+    `model`, ...). Every other weight of a model belongs to its head."""
+    return key.startswith(f"{encoder}.")
 
 
 def is_rank_zero() -> bool:
@@ -144,14 +134,15 @@ def quiet_transformers():
             transformers_logging.enable_progress_bar()
 
 
-def load_weights(model_cls, path: str, config):
-    """`model_cls.from_pretrained(path)` without the load report; returns (model, loading info).
+def load_weights(model_cls, path: str, config, **kwargs):
+    """`model_cls.from_pretrained(path, **kwargs)` without the load report; returns (model, loading info).
 
     Mismatched shapes load (re-initialised) instead of raising, so that the caller sees which weights they are;
     callers refuse any (see `describe_loading`).
     """
     with quiet_transformers():
-        return model_cls.from_pretrained(path, config=config, output_loading_info=True, ignore_mismatched_sizes=True)
+        return model_cls.from_pretrained(path, config=config, output_loading_info=True, ignore_mismatched_sizes=True,
+                                         **kwargs)
 
 
 def _shapes(mismatched) -> str:
@@ -163,31 +154,36 @@ def _keys(keys) -> str:
     return "\n".join(f"    {key}" for key in sorted(keys))
 
 
-def describe_loading(info: dict, where: str, trained: bool) -> str | None:
+def describe_loading(info: dict, where: str, trained: bool, encoder: str,
+                     pretraining_heads: tuple[str, ...] = ()) -> str | None:
     """Check what `load_weights` reported; return the one line to print when all is as expected, else raise.
 
-    Base checkpoint (`trained` False): the classification head (and a missing pooler) is new, as expected; the
-    checkpoint's pretraining heads are not used. Any other missing weight or a shape mismatch is a UserError;
-    any other unexpected weight is printed in full (on rank 0) as a warning and the run goes on.
+    `encoder` is the model's `base_model_prefix`. Base checkpoint (`trained` False): the classification head (every
+    weight outside the encoder) is new, as expected, and so may be the encoder's pooler; the checkpoint's
+    pretraining heads (weights named by a prefix in `pretraining_heads`) are not used. Any other missing weight or
+    a shape mismatch is a UserError; any other unexpected weight is printed in full (on rank 0) as a warning and the
+    run goes on.
     A trained model (`trained` True) must have every weight: a missing classifier means a base checkpoint.
     """
     missing, unexpected, mismatched = info["missing_keys"], info["unexpected_keys"], sorted(info["mismatched_keys"])
     if mismatched:
-        if not trained and all(is_head(key) for key, _, _ in mismatched):
+        if not trained and not any(in_encoder(key, encoder) for key, _, _ in mismatched):
             raise UserError(f"{where} already has a classifier, for another number of labels than the "
-                            f"{mismatched[0][2][0]} of --label_list: start from the base checkpoint")
+                            f"{mismatched[-1][2][0]} of --label_list: start from the base checkpoint")
         raise UserError(f"{where}: {len(mismatched)} weights have other shapes than its config.json says: "
                         f"{_shapes(mismatched)}")
-    head = sorted(key for key in missing if is_head(key))
+    head = sorted(key for key in missing if not in_encoder(key, encoder))
     if trained and head:
         raise UserError(f"{where}: no trained classification head: {', '.join(head)} not in its weights (a base "
                         "checkpoint, not a model fine-tuned by this tool: train one with --do_train)")
-    encoder = sorted(key for key in missing if trained or not is_new_head(key))
-    if encoder:
+    pooler = [key for key in missing if in_encoder(key, encoder) and POOLER in _parts(key)]
+    lost = sorted(key for key in missing if in_encoder(key, encoder) and (trained or key not in pooler))
+    if lost:
         what = "weights" if trained else "encoder weights"
-        raise UserError(f"{where}: {len(encoder)} {what} are not in the checkpoint (e.g. {encoder[0]})"
+        raise UserError(f"{where}: {len(lost)} {what} are not in the checkpoint (e.g. {lost[0]})"
                         + ("" if trained else "; is --model_type right?"))
-    surprising = sorted(key for key in unexpected if trained or not is_unused_pretraining_head(key))
+    surprising = sorted(key for key in unexpected if trained or not (key.startswith(pretraining_heads)
+                                                                     or POOLER in _parts(key)))
     if surprising and is_rank_zero():
         print(f"warning: {where}: {len(surprising)} weights of the checkpoint are not used by the model (they do not "
               f"belong to it: is it the right checkpoint?):\n{_keys(surprising)}", file=sys.stderr, flush=True)
@@ -195,5 +191,5 @@ def describe_loading(info: dict, where: str, trained: bool) -> str | None:
         return None
     if not head:
         return "classifier head loaded from the checkpoint (it was already fine-tuned for this number of labels)"
-    pooler = " (and its pooler)" if any(POOLER in _parts(key) for key in missing) else ""
-    return f"classifier head{pooler} initialised from scratch, as expected when fine-tuning a base checkpoint"
+    return f"classifier head{' (and its pooler)' if pooler else ''} initialised from scratch, as expected when " \
+           "fine-tuning a base checkpoint"

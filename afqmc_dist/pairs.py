@@ -20,10 +20,15 @@ or any file written, as one line `FILE:LINE: what is wrong` (a UserError):
 from __future__ import annotations
 
 import json
+import os
+import sqlite3
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .errors import UserError, first_line
+
+ID_BATCH = 10_000  # ids checked per SQLite transaction
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,8 @@ def _check_text(obj: dict, where: str) -> None:
                                 "\\u escape pair), which is not text; fix how the file was written")
 
 
-def _parse_line(text: str, where: str, schema: PairSchema, require_label: bool) -> PairExample:
+def parse_line(text: str, where: str, schema: PairSchema, require_label: bool) -> PairExample:
+    """One line's example, every check of the module docstring made (UserError `where: what is wrong`)."""
     try:
         obj = json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as e:
@@ -121,53 +127,105 @@ def _parse_line(text: str, where: str, schema: PairSchema, require_label: bool) 
     return PairExample(sentences[0], sentences[1], label, obj)
 
 
-class _IdCheck:
-    """Ids of an unlabelled file, for CLUE's submission file: each a string or a number, none twice."""
+def id_key_of(example: PairExample, id_key: str, where: str) -> str | None:
+    """The id of an unlabelled line as CLUE's submission file keys it (7 and "7" are the same line there), or
+    None when the line has none. UserError unless it is a string or a number."""
+    if id_key not in example.raw:
+        return None  # lines without ids: predictions.jsonl only, no CLUE file
+    value = example.raw[id_key]
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        kind = "null" if value is None else type(value).__name__
+        raise UserError(f"{where}: id {id_key!r} must be a string or a number, got {kind}")
+    return str(value)
+
+
+class UniqueIds:
+    """The ids of an unlabelled file, for CLUE's submission file: none twice. Held in a temporary SQLite table on
+    disk, so that checking a file of 10^8 ids takes the memory of ten. `add` collects; `flush` (every ID_BATCH ids,
+    and at the end) finds the first line whose id an earlier line already had."""
 
     def __init__(self, path: str, id_key: str):
         self.path, self.id_key = path, id_key
-        self.seen: dict[str, int] = {}
+        self.folder = tempfile.TemporaryDirectory(prefix="afqmc-ids-")
+        self.db = sqlite3.connect(os.path.join(self.folder.name, "ids.db"))
+        self.db.execute("CREATE TABLE ids (id TEXT PRIMARY KEY, line INTEGER) WITHOUT ROWID")
+        self.pending: list[tuple[str, int, object]] = []
 
-    def __call__(self, example: PairExample, lineno: int) -> None:
-        if self.id_key not in example.raw:
-            return  # lines without ids: predictions.jsonl only, no CLUE file
-        value = example.raw[self.id_key]
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            kind = "null" if value is None else type(value).__name__
-            raise UserError(f"{self.path}:{lineno}: id {self.id_key!r} must be a string or a number, got {kind}")
-        key = str(value)  # 7 and "7" would be the same line of the submission file
-        if key in self.seen:
-            raise UserError(f"{self.path}:{lineno}: id {value!r} is also the id of line {self.seen[key]}; "
-                            "every id must be unique (CLUE's file has one prediction per id)")
-        self.seen[key] = lineno
+    def add(self, example: PairExample, lineno: int) -> bool:
+        """Note the line's id; False if it has none."""
+        key = id_key_of(example, self.id_key, f"{self.path}:{lineno}")
+        if key is None:
+            return False
+        self.pending.append((key, lineno, example.raw[self.id_key]))
+        if len(self.pending) >= ID_BATCH:
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        try:
+            with self.db:
+                self.db.executemany("INSERT INTO ids VALUES (?, ?)", [(key, line) for key, line, _ in self.pending])
+        except sqlite3.IntegrityError:
+            self._name_the_duplicate()
+        self.pending.clear()
+
+    def _name_the_duplicate(self) -> None:
+        """The batch held an id seen before: find its first repeat, one row at a time, and say so."""
+        for key, lineno, value in self.pending:
+            row = self.db.execute("SELECT line FROM ids WHERE id = ?", (key,)).fetchone()
+            if row is not None:
+                raise UserError(f"{self.path}:{lineno}: id {value!r} is also the id of line {row[0]}; every id "
+                                "must be unique (CLUE's file has one prediction per id)")
+            self.db.execute("INSERT INTO ids VALUES (?, ?)", (key, lineno))
+
+    def close(self) -> None:
+        self.db.close()
+        self.folder.cleanup()
 
 
-def iter_pairs(path: str, schema: PairSchema, require_label: bool) -> Iterator[PairExample]:
-    """Yield validated examples of `path` in file order, reading one line at a time.
+def decode(raw: bytes, lineno: int) -> str:
+    """A line's text, stripped (a byte-order mark on the first line left out); UnicodeDecodeError if not UTF-8."""
+    return (raw[3:] if lineno == 1 and raw.startswith(b"\xef\xbb\xbf") else raw).decode("utf-8").strip()
+
+
+def located_pairs(path: str, schema: PairSchema, require_label: bool) -> Iterator[tuple[int, bytes, PairExample]]:
+    """(byte offset, line as read, example) of every pair of `path`, in file order, reading one line at a time.
 
     Tolerates a UTF-8 byte-order mark, CRLF line ends and blank lines at the end of the file; a blank line
     followed by more data is an error (it would shift every later line number). Without `require_label` (a file
-    to predict), ids are checked too (see the module docstring).
+    to predict), ids are checked too (see the module docstring), on disk (UniqueIds).
     """
     blank_at = None
-    check_id = None if require_label else _IdCheck(path, schema.id_key)
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            try:
-                text = raw.decode("utf-8").strip()
-            except UnicodeDecodeError:
-                raise UserError(f"{path}:{lineno}: not valid UTF-8") from None
-            if not text:
-                blank_at = blank_at or lineno
-                continue
-            if blank_at is not None:
-                raise UserError(f"{path}:{blank_at}: empty line")
-            example = _parse_line(text, f"{path}:{lineno}", schema, require_label)
-            if check_id:
-                check_id(example, lineno)
-            yield example
+    ids = None if require_label else UniqueIds(path, schema.id_key)
+    try:
+        with open(path, "rb") as f:
+            offset = 0
+            for lineno, raw in enumerate(f, start=1):
+                start, offset = offset, offset + len(raw)
+                try:
+                    text = decode(raw, lineno)
+                except UnicodeDecodeError:
+                    raise UserError(f"{path}:{lineno}: not valid UTF-8") from None
+                if not text:
+                    blank_at = blank_at or lineno
+                    continue
+                if blank_at is not None:
+                    raise UserError(f"{path}:{blank_at}: empty line")
+                example = parse_line(text, f"{path}:{lineno}", schema, require_label)
+                if ids is not None:
+                    ids.add(example, lineno)
+                yield start, raw, example
+        if ids is not None:
+            ids.flush()
+    finally:
+        if ids is not None:
+            ids.close()
+
+
+def iter_pairs(path: str, schema: PairSchema, require_label: bool) -> Iterator[PairExample]:
+    """Yield validated examples of `path` in file order (see located_pairs)."""
+    for _, _, example in located_pairs(path, schema, require_label):
+        yield example
 
 
 def read_pairs(path: str, schema: PairSchema, require_label: bool, limit: int | None = None) -> list[PairExample]:

@@ -12,13 +12,23 @@ A second Ctrl-C quits at once (KeyboardInterrupt: exit status 130, one line, tem
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import signal
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack, contextmanager
 from typing import Self
 
-from .errors import exit_status, log_errors_to, signals_taken_over, stop_at_once, stop_while_starting
+from .errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_STOPPED,
+    exit_status,
+    log_errors_to,
+    signals_taken_over,
+    stop_at_once,
+    stop_while_starting,
+)
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, name))
 
@@ -46,6 +56,7 @@ class StopRequests:
         self.accelerator = None
         self.received: str | None = None
         self.defer = False
+        self.kept = "no training was under way, so there is no checkpoint to save, and nothing was left half-written"
         self._handlers = ExitStack()
         self._group = None
         if accelerator is not None:
@@ -76,13 +87,21 @@ class StopRequests:
         finally:
             self.defer = False
 
+    @contextmanager
+    def keeping(self, what: str):
+        """Within the block, a stop at once ends its line with `what` (what is kept, how to go on)."""
+        previous, self.kept = self.kept, what
+        try:
+            yield self
+        finally:
+            self.kept = previous
+
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.received is not None:
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
         if not self.defer:
-            stop_at_once(signum, frame, "no training was under way, so there is no checkpoint to save, and nothing "
-                                        "was left half-written")
+            stop_at_once(signum, frame, self.kept)
 
     def requested(self) -> str | None:
         """The signal that asks this run to stop (on any rank), or None. Call on every rank at the same step."""
@@ -110,8 +129,20 @@ def run_command(work: Callable) -> int:
         with StopRequests() as stop_requests:
             work(stop_requests) if takes_requests else work()
 
+    status = EXIT_INTERNAL
     try:
-        return exit_status(whole)
+        status = exit_status(whole)
+        return status
     finally:  # called in-process (tests): the caller's handlers come back
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if status in (EXIT_STOPPED, EXIT_INTERRUPTED):
+            # A stopped command is on its way out; one more Ctrl-C (a terminal's, and the launcher's forwarded
+            # copy, reach each process) would raise KeyboardInterrupt inside the interpreter's exit callbacks
+            # (tqdm's, weakref finalizers': a traceback after the one line). Registered last, this runs first.
+            atexit.register(_ignore_stop_signals)
+
+
+def _ignore_stop_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)

@@ -18,21 +18,25 @@ from accelerate.utils import set_seed
 from .best_model import load_best_model
 from .checkpoints import check_compatible, check_free_space, estimate_checkpoint_bytes, read_state, run_fingerprint
 from .config import RunConfig
-from .data import PairSchema, encode_datasets, load_datasets, make_eval_dataloader
+from .data import PairSchema, encode_datasets, load_datasets
 from .distributed import on_main
 from .engine import check_real_parameters, make_accelerator, release_models
 from .errors import log_errors_to
-from .evaluation import evaluate, loggable, predict
+from .evaluation import loggable
 from .files import write_json
+from .inference.engine import PieceRunner
+from .inference.jobs import evaluate_file, predict_to_file
+from .inference.pieces import job_description
+from .inference.scan import scan
 from .model import build_model_and_tokenizer
-from .outputs import PHASE_CONFIGS, RESULTS, TEST_RESULTS
-from .predictions import write_predictions
+from .outputs import PHASE_CONFIGS, PREDICTIONS, RESULTS, TEST_RESULTS
 from .preemption import StopRequests
-from .run_folder import RunLock, SetAside, remove_stale_temporaries, resume_point
+from .run_folder import RunLock, SetAside, find_best_dir, remove_stale_temporaries, resume_point
 from .summary import git_commit, run_summary
 from .sweep.pruning import TrialReporter
 from .tracking import Tracker
 from .training.loop import Trainer
+from .training.loss import class_weights
 
 
 class Run:
@@ -79,12 +83,21 @@ class Run:
         if cfg.do_train:
             accelerator.print(f"global batch {plan.global_batch} = {plan.per_device} per process x "
                               f"{plan.num_processes} process(es) x {plan.accumulation} accumulation step(s)")
-        schema = PairSchema.from_config(cfg)
+        self.schema = schema = PairSchema.from_config(cfg)
         self.positive_id = schema.label2id[cfg.positive_label]
         self.datasets = load_datasets(cfg, schema)
+        # --class_weights auto: counted from the training file now (a label without pairs stops the run here).
+        self.class_weights = class_weights(cfg, self.datasets["train"].label_counts) if cfg.do_train else None
+        self.indexes = {}  # the test and predict files: checked in one streaming pass each (inference/scan.py)
+        for phase, path, labelled in (("test", cfg.test_file, True), ("predict", cfg.predict_input, False)):
+            if getattr(cfg, f"do_{phase}"):
+                self.indexes[phase] = on_main(accelerator, lambda path=path, labelled=labelled: scan(
+                    path, schema, labelled, cfg.predict_piece_size))
         if not cfg.do_train:  # a test/predict run's model, loaded (and so checked) before anything is written
             self.trained = load_best_model(cfg, accelerator)
         self.run_info = {**plan.describe(), **run_info, "git_commit": git_commit()}
+        if self.class_weights:
+            self.run_info["class_weight_values"] = self.class_weights
         if cfg.do_train:
             self.setup_model()
 
@@ -94,7 +107,8 @@ class Run:
         with accelerator.main_process_first():
             self.model, self.tokenizer = build_model_and_tokenizer(cfg)
         check_real_parameters(accelerator, self.model)
-        self.run_info["num_parameters"] = self.model.num_parameters()
+        self.run_info.update(num_parameters=self.model.num_parameters(), model_type=self.model.config.model_type,
+                             attn_implementation=self.model.config._attn_implementation)
         self.fingerprint = run_fingerprint(cfg, self.model, self.plan)  # hashes the data files: once per run
         needed = estimate_checkpoint_bytes(self.model.num_parameters())
         check_free_space(cfg.output_dir, needed if cfg.checkpointing_steps else needed // 4)
@@ -138,7 +152,7 @@ class Run:
             self.model.compile()  # in place: parameter names (and so saved checkpoints) stay those of the model
         trainer = Trainer(cfg, self.plan, accelerator, self.model, self.tokenizer, datasets["train"], datasets["dev"],
                           self.positive_id, self.tracker, self.fingerprint, self.resume_from, self.stop_requests,
-                          TrialReporter.from_env(accelerator, cfg))
+                          TrialReporter.from_env(accelerator, cfg), class_weights=self.class_weights)
         self.summary = trainer.train()
         if accelerator.is_main_process:
             write_json(os.path.join(cfg.output_dir, RESULTS), self.summary)
@@ -154,24 +168,22 @@ class Run:
         cfg, accelerator = self.cfg, self.accelerator
         model, tokenizer = self.trained or load_best_model(cfg, accelerator)
         self.trained = None
-        encode_datasets({k: self.datasets[k] for k in ("test", "predict") if k in self.datasets}, tokenizer, cfg,
-                        accelerator)
         if cfg.do_test:
             metrics = self.test(model, tokenizer)
             self.summary.update({f"test_{k}": v for k, v in metrics.items()})
         if cfg.do_predict:
             self.written = self.predict(model, tokenizer)
 
-    def loader(self, tokenizer, dataset):
-        # prepare_data_loader, not prepare: it shards the data without involving the engine (FSDP, DeepSpeed).
-        loader = make_eval_dataloader(dataset, self.cfg, self.plan, tokenizer, self.accelerator)
-        return self.accelerator.prepare_data_loader(loader)
+    def runner(self, model, tokenizer, phase: str) -> PieceRunner:
+        """The model over the test or predict file, streamed in pieces (inference/engine.py)."""
+        labels = [model.config.id2label[i] for i in sorted(model.config.id2label)]
+        return PieceRunner.of([model], [tokenizer], self.accelerator, self.indexes[phase], self.schema,
+                              phase == "test", self.cfg, self.plan.eval_per_device, labels)
 
     def test(self, model, tokenizer) -> dict:
         """Evaluate the best model on the labelled --test_file; write test_results.json."""
         cfg, accelerator = self.cfg, self.accelerator
-        loader = self.loader(tokenizer, self.datasets["test"])
-        metrics = evaluate(model, loader, accelerator, self.positive_id, list(cfg.label_list), desc="test")
+        metrics = evaluate_file(self.runner(model, tokenizer, "test"), self.positive_id, list(cfg.label_list))
         if accelerator.is_main_process:
             write_json(os.path.join(cfg.output_dir, TEST_RESULTS), {f"test_{k}": v for k, v in metrics.items()})
         self.tracker.log(loggable(metrics), prefix="test", summary=True)
@@ -180,12 +192,16 @@ class Run:
         return metrics
 
     def predict(self, model, tokenizer) -> list[str]:
-        """Predict every line of --predict_file (default --test_file) with the best model, in input order."""
-        cfg, dataset = self.cfg, self.datasets["predict"]
-        preds = predict(model, self.loader(tokenizer, dataset), self.accelerator, desc="predict")
-        self.tracker.log({"samples_per_second": preds.samples_per_second, "count": len(preds)}, prefix="predict")
-        return on_main(self.accelerator, lambda: write_predictions(cfg.output_dir, dataset.examples, preds,
-                                                                   cfg.label_list, cfg.id_key, cfg.task_name))
+        """Predict every line of --predict_file (default --test_file) with the best model, in input order, into
+        OUTPUT_DIR/predictions.jsonl through its pieces (inference/pieces.py: a rerun keeps the complete ones)."""
+        cfg, index = self.cfg, self.indexes["predict"]
+        job = job_description(index, [find_best_dir(cfg.output_dir)], self.accelerator, self.plan.eval_per_device,
+                              cfg.max_seq_length, [cfg.sentence1_key, cfg.sentence2_key, cfg.id_key])
+        output = os.path.join(cfg.output_dir, PREDICTIONS)
+        written, done = predict_to_file(self.runner(model, tokenizer, "predict"), output, job, restart=False,
+                                        task_name=cfg.task_name, stop_requests=self.stop_requests)
+        self.tracker.log({"samples_per_second": done.pairs_per_second, "count": done.pairs}, prefix="predict")
+        return written
 
     # --- cleanup ----------------------------------------------------------------------------------------------
 

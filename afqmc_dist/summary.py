@@ -21,6 +21,17 @@ def git_commit() -> str | None:
     return f"{commit}+dirty" if dirty else commit
 
 
+def recipe_lines(results: dict) -> list[str]:
+    """What the training recipes cost and changed (training/recipes.py)."""
+    lines = []
+    if "fgm_seconds_fraction" in results:
+        lines.append(f"  FGM: its extra forward and backward took {100 * results['fgm_seconds_fraction']:.0f}% of "
+                     "the training time")
+    if results.get("best_weights") == "ema":
+        lines.append(f"  best/ holds the moving average of the weights (EMA, decay {results['ema_decay']:g})")
+    return lines
+
+
 def run_summary(cfg, results: dict, written: list[str], seconds: float) -> str:
     """One screen: the best evaluation, test metrics, throughput, and where every file went."""
     took = f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
@@ -33,6 +44,7 @@ def run_summary(cfg, results: dict, written: list[str], seconds: float) -> str:
                      f"{results['train_samples_per_second']:.1f} samples/s, "
                      f"{results['train_tokens_per_second']:.0f} tokens/s, "
                      f"{100 * results['train_padding_fraction']:.1f}% padding")
+        lines += recipe_lines(results)
         lines.append(f"  model: {os.path.join(cfg.output_dir, BEST_DIR)}   metrics: "
                      f"{os.path.join(cfg.output_dir, METRICS)}")
     if "test_accuracy" in results:

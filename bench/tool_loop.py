@@ -98,6 +98,7 @@ def run_tool(spec: dict, extra_flags: list[str], log_stem: Path, timeout: float,
              cache: Path) -> tuple[dict, object]:
     """Run the tool once in a child; its numbers and the child's record (RowFailed if it failed or reported no
     training throughput)."""
+    log_stem.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="tool-", dir=log_stem.parent))
     output_dir = work / "output"
     # torch.compile: a private compile cache per run (measured as a first run), unless `compile_cache` names a

@@ -51,10 +51,10 @@ def requires(*packages: str):
 
 # `pytest -m "not slow"`, the quick first check, leaves out what trains or launches for real (seconds to minutes a
 # test): these modules, and tests that use these fixtures. Every test runs in the full suite.
-SLOW_MODULES = {"test_bench", "test_checkpoints", "test_cli", "test_compile", "test_distributed", "test_global_batch",
-                "test_inputs", "test_launch", "test_outputs", "test_predict", "test_readme", "test_real_data",
-                "test_report", "test_robustness", "test_run_folder", "test_runlock", "test_slurm", "test_sweep",
-                "test_tracking", "test_training"}
+SLOW_MODULES = {"test_architectures", "test_bench", "test_checkpoints", "test_cli", "test_compile",
+                "test_distributed", "test_global_batch", "test_inputs", "test_launch", "test_outputs", "test_predict",
+                "test_readme", "test_real_data", "test_report", "test_robustness", "test_run_folder", "test_runlock",
+                "test_slurm", "test_sweep", "test_tracking", "test_training", "test_kfold"}
 SLOW_FIXTURES = {"trained_run", "cpu_check"}
 
 

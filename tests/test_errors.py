@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, limit, train_args
+from conftest import ROOT, limit, requires, train_args
 
 from afqmc_dist import errors
 from afqmc_dist.errors import EXIT_INTERNAL, TrainingStopped, UserError, exit_status, log_errors_to
@@ -106,8 +106,9 @@ def _start_up_commands(trained_run, synthetic_data, tmp_path) -> dict[str, list[
     }
 
 
-@pytest.mark.parametrize("command", ["launch/cpu_debug.sh", "afqmc_dist.predict", "afqmc_dist.sweep",
-                                     "afqmc_dist.report"])
+@pytest.mark.parametrize("command", ["launch/cpu_debug.sh", "afqmc_dist.predict",
+                                     pytest.param("afqmc_dist.sweep", marks=requires("optuna")),
+                                     pytest.param("afqmc_dist.report", marks=requires("matplotlib"))])
 def test_a_stop_signal_while_a_command_starts_up_is_one_line_and_status_3(command, trained_run, synthetic_data,
                                                                           tmp_path):
     """SIGTERM in the first second (the interpreter importing torch, accelerate, Optuna or matplotlib) used to

@@ -11,11 +11,18 @@ import pytest
 import torch
 from conftest import predict_rows, read_jsonl, run_tool, train_args
 from safetensors.torch import load_file, save_file
-from transformers import BertForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification
 
 from afqmc_dist.config import RunConfig
 from afqmc_dist.errors import UserError
-from afqmc_dist.model import BertClsPairClassifier, build_model_and_tokenizer, load_trained_config, load_trained_model
+from afqmc_dist.model import (
+    build_model_and_tokenizer,
+    cls_head_class,
+    load_trained_config,
+    load_trained_model,
+)
+
+BertClsPairClassifier = cls_head_class(BertConfig())  # the [CLS] head on BERT, as `--head cls` builds it
 
 
 @pytest.mark.slow
@@ -222,7 +229,8 @@ def test_a_model_type_that_does_not_fit_the_weights_is_refused(tiny_model):
 
 
 def test_max_seq_length_beyond_the_models_positions_is_refused(tiny_model):
-    with pytest.raises(UserError, match="--max_seq_length 1024 exceeds the 512 positions"):
+    with pytest.raises(UserError, match="--max_seq_length 1024 exceeds what --model_checkpoint .* holds: "
+                                        "512 positions"):
         build_model_and_tokenizer(RunConfig(model_checkpoint=str(tiny_model), max_seq_length=1024))
 
 

@@ -45,6 +45,7 @@ def test_every_installed_command_answers_help(name):
     ("afqmc_dist.predict", ["--bogus", "--model", "m"], "unrecognized arguments: --bogus"),
     ("afqmc_dist.sweep.__main__", ["s.yaml"], "the following arguments are required: --output_dir"),
     ("afqmc_dist.report", [], "the following arguments are required: OUTPUT_DIR"),
+    ("afqmc_dist.kfold.__main__", ["c.yaml"], "the following arguments are required: --folds, --output_dir"),
 ])
 def test_a_bad_flag_is_answered_before_torch_and_transformers_models_are_imported(module, argv, error):
     """A mistyped flag used to wait 5-6 s (25-38 s on a busy machine) for torch and transformers to load."""

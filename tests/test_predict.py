@@ -88,12 +88,12 @@ def test_a_pair_prints_the_label_and_probability_of_its_line_in_do_predict(train
 
 
 def test_two_processes_write_the_one_process_predictions_once(one_process, trained_run, synthetic_data, tmp_path):
-    """Batches of 8 on 2 processes: 101 pairs are not a multiple of 16, so accelerate repeats pairs to even out
-    the last batch; each must still be written once, in input order, by the main process only."""
+    """Batches of 8 on 2 processes, pieces of 10 pairs: 101 pairs leave a short last piece and a round in which
+    one process has no piece; each pair is still written once, in input order, by the main process only."""
     out, _ = trained_run
     output = tmp_path / "preds.jsonl"
     status, stdout, stderr = finish(start(["--model", out / "best", "--input", synthetic_data["dev"], "--output",
-                                           output, "--batch_size", "8"], launch=True))
+                                           output, "--batch_size", "8", "--piece_size", "10"], launch=True))
     assert status == 0, stderr[-4000:]
     assert stdout.count("101 predictions") == 1
     two, one = read_jsonl(output), read_jsonl(one_process)

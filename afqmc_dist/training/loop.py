@@ -9,7 +9,8 @@ A run can be stopped and resumed at any optimizer step (see checkpoints.py): the
 with the model), and a resumed run skips exactly the batches already consumed in its epoch.
 
 The gradient of every optimizer step is the mean over exactly the pairs of its global batch (sampling.py),
-however they are spread over processes and accumulation steps: see loss.pair_loss.
+however they are spread over processes and accumulation steps: see loss.Objective. The training recipes (class
+weights, label smoothing, R-Drop, FGM, EMA: recipes.py) plug into `step` and `evaluate`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
+from ..architectures import takes_token_types
 from ..best_model import save_best_model
 from ..checkpoints import TrainState, save_checkpoint
 from ..data import make_eval_dataloader, make_train_dataloader
@@ -30,8 +32,8 @@ from ..outputs import RESULTS
 from ..preemption import StopRequests
 from ..resume import load_checkpoint
 from ..sampling import micro_batches_per_epoch
-from .loss import pair_loss
-from .optimizer import make_optimizer
+from .optimizer import describe_rates, make_optimizer
+from .recipes import Recipes
 from .schedule import make_schedule
 from .selection import BestModelPolicy, best_record
 from .steps import finite_or_none, optimizer_step
@@ -59,18 +61,22 @@ class Trainer:
     """
 
     def __init__(self, cfg, plan, accelerator, model, tokenizer, train_set, dev_set, positive_id: int, tracker,
-                 fingerprint: dict, resume_from: str | None, stop_requests: StopRequests, pruner=None):
+                 fingerprint: dict, resume_from: str | None, stop_requests: StopRequests, pruner=None,
+                 class_weights: list[float] | None = None):
         self.cfg, self.plan, self.accelerator, self.tokenizer = cfg, plan, accelerator, tokenizer
         self.positive_id, self.tracker, self.stop_requests, self.pruner = positive_id, tracker, stop_requests, pruner
         self.num_pairs = len(train_set)
-        train_loader = make_train_dataloader(train_set, cfg, plan, tokenizer, accelerator)
-        dev_loader = make_eval_dataloader(dev_set, cfg, plan, tokenizer, accelerator)
+        token_types = takes_token_types(model)  # segment ids only for a model that takes them
+        train_loader = make_train_dataloader(train_set, cfg, plan, tokenizer, accelerator, token_types)
+        dev_loader = make_eval_dataloader(dev_set, cfg, plan, tokenizer, accelerator, token_types)
         optimizer = make_optimizer(model, cfg, accelerator.device)
         self.model, self.optimizer, self.train_loader, self.dev_loader = accelerator.prepare(
             model, optimizer, train_loader, dev_loader)
         self.schedule = make_schedule(cfg, self.num_pairs, plan.global_batch)
         # split_batches: the prepared scheduler steps once per optimizer step, whatever the number of processes.
         self.scheduler = accelerator.prepare(self.schedule.make_scheduler(cfg, self.optimizer))
+        # Before a checkpoint is loaded: the weight average (EMA) is part of every checkpoint.
+        self.recipes = Recipes(cfg, accelerator, self.model, class_weights)
         self.policy = BestModelPolicy(cfg.metric_for_best_model, cfg.early_stopping_threshold)
         self.counters = Throughput(accelerator.device)
         # The first non-finite loss, recorded on the device (no sync) and checked where the loop syncs anyway.
@@ -85,6 +91,11 @@ class Trainer:
         accelerator.print(f"training: {self.num_pairs} pairs, {self.schedule.describe()}, "
                           f"{micro_batches_per_epoch(self.schedule.batch_sizes, plan.micro_batch)} micro-batches per "
                           "process and epoch")
+        if self.recipes.describe():
+            accelerator.print(self.recipes.describe())
+        if cfg.layerwise_lr_decay:
+            rates = describe_rates(optimizer.param_groups, model.config.num_hidden_layers)
+            accelerator.print(f"layer-wise learning rates: {rates}")
 
     def resume(self, path: str) -> None:
         """Continue from checkpoint `path`: the prepared objects, the state and each rank's loss window."""
@@ -119,7 +130,8 @@ class Trainer:
         if self.cfg.checkpoint_interval and state.step % self.cfg.checkpoint_interval != 0:
             self.checkpoint()  # the final state, so that a finished run can be inspected or extended
         self.tracker.summarize({"train_steps": state.step})
-        return {**state.best, **self.counters.summary()}
+        totals = self.counters.summary()
+        return {**state.best, **totals, **self.recipes.summary(totals["train_runtime"])}
 
     def train_epoch(self) -> bool:
         """The current epoch from where it stands; True when early stopping says to stop."""
@@ -147,13 +159,17 @@ class Trainer:
         batch.pop("index")
         weight, mask = batch["weight"], batch["attention_mask"]
         real_pairs = self.schedule.batch_sizes[self.state.batches_in_epoch // self.plan.accumulation]
+        scale = self.plan.num_processes * self.plan.accumulation / real_pairs
         with self.accelerator.accumulate(self.model):
-            loss, summed = pair_loss(self.model, batch, self.plan.num_processes * self.plan.accumulation / real_pairs)
+            loss, summed = self.recipes.objective(self.model, batch, scale)
             self.accelerator.backward(loss)
+            self.recipes.after_backward(self.model, batch, scale)
             update = optimizer_step(self.accelerator, self.model, self.optimizer, self.scheduler,
                                     self.cfg.max_grad_norm, self.cfg.skip_nonfinite_loss)
         if update.skipped:
             self.accelerator.print(f"step {self.state.step + 1}: non-finite gradients, update skipped")
+        elif self.accelerator.sync_gradients:
+            self.recipes.after_update(self.model)
         self.count(summed, weight, mask)
         self.state.batches_in_epoch += 1
         if not self.accelerator.sync_gradients:
@@ -215,7 +231,8 @@ class Trainer:
         state, cfg = self.state, self.cfg
         self.check_finite()
         self.counters.stop()
-        metrics = evaluate(self.model, self.dev_loader, self.accelerator, self.positive_id, list(cfg.label_list))
+        evaluated = self.recipes.evaluated_model(self.model)
+        metrics = evaluate(evaluated, self.dev_loader, self.accelerator, self.positive_id, list(cfg.label_list))
         self.model.train()
         self.evaluated_at = state.step
         self.tracker.log(loggable(metrics), "dev", state.step, state.epoch)
@@ -225,8 +242,8 @@ class Trainer:
             raise TrainingStopped(self.pruner.pruned_message(state.step), exit_code=EXIT_PRUNED)
         best = state.best
         if self.policy.is_best(metrics, best):
-            save_best_model(self.accelerator, self.model, self.tokenizer, cfg.output_dir)
-            state.best = best_record(metrics, state.step, state.epoch)
+            save_best_model(self.accelerator, evaluated, self.tokenizer, cfg.output_dir)
+            state.best = {**best_record(metrics, state.step, state.epoch), **self.recipes.best_note()}
             if self.accelerator.is_main_process:
                 write_json(os.path.join(cfg.output_dir, RESULTS), state.best)
         improved = self.policy.improved(metrics, best)
