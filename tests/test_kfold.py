@@ -327,12 +327,14 @@ def _bad_inputs(folder: Path, model: Path, train: Path) -> dict:
         "value_train_py_refuses": (config("lr", learning_rate=-1.0), [], "--learning_rate must be > 0"),
         "missing_launcher": (config("launcher"), ["--launcher", "no-such-launcher train.py"],
                              "--launcher: no-such-launcher: no such program"),
+        "missing_model_folder": (config("model", model_checkpoint=str(folder / "no-model")), [],
+                                 f"--model_checkpoint {folder / 'no-model'}: no such folder"),
     }
 
 
 CASES = ("more_folds_than_the_rarest_label", "missing_config", "config_not_yaml", "unreadable_config",
          "unknown_option", "dev_file_given", "no_train_file", "missing_train_file", "bad_line_in_the_train_file",
-         "value_train_py_refuses", "missing_launcher")
+         "value_train_py_refuses", "missing_launcher", "missing_model_folder")
 
 
 @needs_optuna

@@ -204,6 +204,9 @@ BAD_FILES = {
     "value_train_py_refuses": ({"search_space": {"learning_rate": [1e-3, 0.0]}},
                                "search_space: learning_rate: learning_rate = 0.0: --learning_rate must be > 0"),
     "set_by_the_sweep": ({"base_update": {"seed": 3}}, "base: seed: set by the sweep"),
+    # Every trial used to fail on it in turn, after its start-up, and the sweep exited 0.
+    "missing_model_folder": ({"base_update": {"model_checkpoint": "/nonexistent/tiny-model"}},
+                             "base: model_checkpoint: --model_checkpoint /nonexistent/tiny-model: no such folder"),
     "unknown_key": ({"serach_space": {}}, "unknown key 'serach_space' (did you mean"),
     "too_many_grid_trials": ({"sampler": "grid", "n_trials": 5,
                               "search_space": {"gradient_accumulation_steps": [1, 2]}},
@@ -362,10 +365,14 @@ def test_a_changed_sweep_file_is_refused_on_an_existing_study_and_nothing_change
     assert {p.name: p.read_bytes() for p in sweep_dir.iterdir()} == before
 
 
-def test_the_ready_sweeps_are_valid_sweep_files(tmp_path):
+def test_the_ready_sweeps_are_valid_sweep_files(small_model, tmp_path):
     from afqmc_dist.sweep.load import load_sweep
 
-    quick = load_sweep(str(QUICK), str(tmp_path / "q"))
+    # Its model is made by `python -m afqmc_dist.tiny_model` first (README): a small model stands in for it.
+    quick_file = yaml.safe_load(QUICK.read_text(encoding="utf-8"))
+    quick_file["base"]["model_checkpoint"] = str(small_model)
+    (tmp_path / "quick.yaml").write_text(yaml.safe_dump(quick_file), encoding="utf-8")
+    quick = load_sweep(str(tmp_path / "quick.yaml"), str(tmp_path / "q"))
     assert quick.n_trials == 10 and quick.seeds == [1, 2] and quick.pruner["type"] == "median"
     # The BERT-base sweep needs the real data: checked with the sample files in their place.
     bert = yaml.safe_load((ROOT / "launch" / "sweeps" / "afqmc_bert_base.yaml").read_text(encoding="utf-8"))

@@ -351,7 +351,10 @@ def _check_launcher(c: _Checker, value) -> list[str]:
 
 def _check_with_train_py(c: _Checker, spec: SweepSpec, sweep_dir: str) -> None:
     """Validate the run options of the first seed's run as train.py does: the base with every searched option at
-    its first value, then every other end of a range and every other choice in turn."""
+    its first value, then every other end of a range and every other choice in turn. The model folder too: a
+    missing one would otherwise fail every trial in turn, each after its start-up."""
+    from ..loading import check_folder  # after the flags: it imports transformers
+
     first = {p.name: p.corner_values()[0] for p in spec.space}
     probes = [(None, first)]
     for param in spec.space:
@@ -361,6 +364,8 @@ def _check_with_train_py(c: _Checker, spec: SweepSpec, sweep_dir: str) -> None:
         options = spec.run_options(values, spec.seeds[0], output_dir)
         try:
             RunConfig(**options).validate()
+            model = options["model_checkpoint"]
+            check_folder(model, f"--model_checkpoint {model}", hub_allowed=True)
         except UserError as e:
             if param is None:
                 named = [p for p in spec.space if f"--{p.name} " in f"{e} "]
