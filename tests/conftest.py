@@ -46,7 +46,8 @@ def requires(*packages: str):
     """Mark a test that needs optional packages (the trackers, Optuna, matplotlib, a database driver): where one
     is not installed (a cluster's pinned image, say) the test is skipped, naming it. Every other test runs."""
     missing = [name for name in packages if importlib.util.find_spec(name) is None]
-    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)}, which is not installed")
+    verb = "is" if len(missing) == 1 else "are"
+    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)}, which {verb} not installed")
 
 
 # `pytest -m "not slow"`, the quick first check, leaves out what trains or launches for real (seconds to minutes a
