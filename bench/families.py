@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from pathlib import Path
 
-from bench.common import BENCH, SAMPLE_DATA, RowFailed, log, parse_list, write_output
-from bench.tool_loop import run_tool
-from bench.workload import write_subsets
+from bench.common import BENCH, RowFailed, log, parse_list, write_output
+from bench.tool_loop import run_tool_on_cpu
+from bench.workload import sample_workload
 
 SHAPE = {"hidden_size": 64, "num_layers": 2, "num_heads": 2}
 
@@ -31,16 +30,12 @@ def measure(family: str, data, work: Path, args) -> dict:
 
     model = work / f"model-{family}"
     build_tiny_model(str(model), family, [str(data.train), str(data.dev)], dropout=0.1, **SHAPE)
-    spec = {"model_dir": str(model), "train_file": str(data.train), "dev_file": str(data.dev),
-            "learning_rate": 1e-3, "batch_size": 16, "seed": 1, "max_seq_length": 128, "device": "cpu",
-            "precision": "fp32", "threads": args.threads}
-    load = os.getloadavg()[0]
-    result, _ = run_tool(spec, ["--cache_dir", "none"], work / "logs" / family, timeout=900, keep_output=False,
-                         cache=work)
+    result, load = run_tool_on_cpu(model, data, work, family, [], threads=args.threads, learning_rate=1e-3,
+                                   batch_size=16, max_seq_length=128)
     return {"family": family, "train_samples_per_second": result.get("train_samples_per_second"),
             "train_steady_samples_per_second": result.get("train_steady_samples_per_second"),
             "train_tokens_per_second": result.get("train_tokens_per_second"),
-            "train_padding_fraction": result.get("train_padding_fraction"), "load_before": round(load, 2)}
+            "train_padding_fraction": result.get("train_padding_fraction"), "load_before": load}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,10 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     families = parse_list(args.families, tuple(FAMILIES))
     rows = []
-    with tempfile.TemporaryDirectory(prefix="families-") as folder:
-        work = Path(folder)
-        (work / "data").mkdir()
-        data = write_subsets(SAMPLE_DATA, work / "data", args.train_samples, 61, 1)
+    with sample_workload("families-", args.train_samples) as (work, data):
         for family in families:
             log(f"{family} ...")
             try:

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from pathlib import Path
 
 from bench.common import BENCH, SAMPLE_DATA, RowFailed, log, parse_list, write_output
-from bench.tool_loop import run_tool
-from bench.workload import build_model, write_subsets
+from bench.tool_loop import run_tool_on_cpu
+from bench.workload import build_model, sample_workload
 
 BATCH = 16
 ROWS = {
@@ -36,15 +35,11 @@ ROWS = {
 
 
 def measure(row: str, model: Path, data, work: Path, threads: int) -> dict:
-    spec = {"model_dir": str(model), "train_file": str(data.train), "dev_file": str(data.dev),
-            "learning_rate": 1e-4, "batch_size": BATCH, "seed": 1, "max_seq_length": 64, "device": "cpu",
-            "precision": "fp32", "threads": threads}
-    load = os.getloadavg()[0]
-    result, _ = run_tool(spec, ["--cache_dir", "none", "--logging_steps", "5", *ROWS[row]], work / "logs" / row,
-                         timeout=900, keep_output=False, cache=work)
+    result, load = run_tool_on_cpu(model, data, work, row, ["--logging_steps", "5", *ROWS[row]], threads=threads,
+                                   learning_rate=1e-4, batch_size=BATCH, max_seq_length=64)
     rate = result.get("train_steady_samples_per_second") or result["train_samples_per_second"]
     return {"row": row, "flags": " ".join(ROWS[row]), "samples_per_second": rate,
-            "seconds_per_step": BATCH / rate, "load_before": round(load, 2)}
+            "seconds_per_step": BATCH / rate, "load_before": load}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,10 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(BENCH / "results" / "recipes.json"))
     args = parser.parse_args(argv)
     rows, results = parse_list(args.rows, tuple(ROWS)), []
-    with tempfile.TemporaryDirectory(prefix="recipes-") as folder:
-        work = Path(folder)
-        (work / "data").mkdir()
-        data = write_subsets(SAMPLE_DATA, work / "data", args.train_samples, 61, 1)
+    with sample_workload("recipes-", args.train_samples) as (work, data):
         model = build_model("small", None, SAMPLE_DATA, work)
         for row in rows:
             log(f"{row} ...")

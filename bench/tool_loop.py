@@ -15,6 +15,7 @@ speed after the first logging window, i.e. once start-up and any compilation are
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -117,3 +118,16 @@ def run_tool(spec: dict, extra_flags: list[str], log_stem: Path, timeout: float,
     if "train_seconds" not in result and spec.get("need_throughput", True):
         raise RowFailed("; ".join(result["notes"]))
     return result, child
+
+
+def run_tool_on_cpu(model: Path, data, work: Path, log_name: str, flags: list[str], *, threads: int,
+                    learning_rate: float, batch_size: int, max_seq_length: int) -> tuple[dict, float]:
+    """One training run of the tool on the CPU in fp32 (seed 1, no tokenised-data cache) for a small bench:
+    its numbers and the 1-minute load before it (timings mean something only with nothing else running)."""
+    spec = {"model_dir": str(model), "train_file": str(data.train), "dev_file": str(data.dev),
+            "learning_rate": learning_rate, "batch_size": batch_size, "seed": 1, "max_seq_length": max_seq_length,
+            "device": "cpu", "precision": "fp32", "threads": threads}
+    load = os.getloadavg()[0]
+    result, _ = run_tool(spec, ["--cache_dir", "none", *flags], work / "logs" / log_name, timeout=900,
+                         keep_output=False, cache=work)
+    return result, round(load, 2)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,3 +103,13 @@ def common_spec(settings: argparse.Namespace, model_dir: Path, subsets: Subsets,
             "learning_rate": settings.learning_rate, "batch_size": settings.batch_size,
             "eval_batch_size": settings.eval_batch_size, "max_seq_length": settings.max_seq_length,
             "threads": settings.threads, "device": settings.device}
+
+
+@contextmanager
+def sample_workload(prefix: str, train_samples: int):
+    """A temporary work folder and the sample data's subsets in it (`train_samples` training pairs, 61 dev
+    pairs): (work folder, data), removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as folder:
+        work = Path(folder)
+        (work / "data").mkdir()
+        yield work, write_subsets(SAMPLE_DATA, work / "data", train_samples, 61, 1)

@@ -168,3 +168,19 @@ def test_after_a_failure_an_empty_parts_folder_goes_and_one_with_complete_pieces
 
     assert not os.path.exists(empty.folder)
     assert os.listdir(kept.folder) and os.path.exists(os.path.join(kept.folder, "piece-000000.done"))
+
+
+def test_members_sharing_a_tokenizer_tokenise_a_piece_once_and_get_the_same_batches(tiny_model, tmp_path):
+    """An ensemble's members (the folds of a k-fold) usually share a tokenizer: their batches are made once."""
+    from transformers import AutoTokenizer
+
+    from afqmc_dist.inference.engine import PairEncoder, PieceReader
+
+    path = write_jsonl(tmp_path / "in.jsonl", unlabelled(50))
+    index = scan(str(path), PairSchema(), require_label=False, piece_size=20)
+    same = [PairEncoder(AutoTokenizer.from_pretrained(tiny_model), 64, None, token_types=True) for _ in range(2)]
+    shorter = PairEncoder(AutoTokenizer.from_pretrained(tiny_model), 16, None, token_types=True)
+    prepared = PieceReader(index, PairSchema(), False, [1], [*same, shorter], batch_size=8)[0]
+    assert prepared.batches[0] is prepared.batches[1] and prepared.batches[2] is not prepared.batches[0]
+    assert max(b["input_ids"].shape[1] for b in prepared.batches[2]) <= 16 < max(
+        b["input_ids"].shape[1] for b in prepared.batches[0])

@@ -70,6 +70,11 @@ class PairEncoder:
         self.pad_to_multiple_of = pad_to_multiple_of if fits else None
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.left = getattr(tokenizer, "padding_side", "right") == "left"
+        # Encoders with the same key make the same batches: an ensemble's members that share a tokenizer (the
+        # folds of a k-fold) tokenise each piece once.
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.key = (backend.to_str() if backend is not None else id(tokenizer), max_length, self.pad_to_multiple_of,
+                    token_types, self.pad_id, self.left)
 
     def batches(self, examples: list[PairExample], batch_size: int) -> list[dict[str, torch.Tensor]]:
         """`examples` tokenised, in batches of `batch_size` in their order, each padded to its longest pair."""
@@ -134,8 +139,11 @@ class PieceReader(Dataset):
         # Longest first (characters stand for tokens): batches of like lengths, and the memory peak at once.
         order = sorted(range(len(examples)), key=lambda i: -(len(examples[i].sentence1) + len(examples[i].sentence2)))
         ordered = [examples[i] for i in order]
-        return PreparedPiece(self.pieces[i], examples, torch.tensor(order),
-                             [encoder.batches(ordered, self.batch_size) for encoder in self.encoders])
+        made = {}
+        for encoder in self.encoders:
+            if encoder.key not in made:
+                made[encoder.key] = encoder.batches(ordered, self.batch_size)
+        return PreparedPiece(self.pieces[i], examples, torch.tensor(order), [made[e.key] for e in self.encoders])
 
 
 class PieceRunner:

@@ -91,8 +91,9 @@ class Trainer:
         accelerator.print(f"training: {self.num_pairs} pairs, {self.schedule.describe()}, "
                           f"{micro_batches_per_epoch(self.schedule.batch_sizes, plan.micro_batch)} micro-batches per "
                           "process and epoch")
-        if self.recipes.describe():
-            accelerator.print(self.recipes.describe())
+        recipes = self.recipes.describe()
+        if recipes:
+            accelerator.print(recipes)
         if cfg.layerwise_lr_decay:
             rates = describe_rates(optimizer.param_groups, model.config.num_hidden_layers)
             accelerator.print(f"layer-wise learning rates: {rates}")
