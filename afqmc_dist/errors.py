@@ -154,23 +154,79 @@ def _outcome(run: Callable[[], None]) -> tuple[int, str | None]:
 
 
 def stop_at_once(signum: int, frame, what: str) -> None:
-    """End the command for stop signal `signum` (a signal handler's arguments), with status 3 and one line.
+    """End the command for stop signal `signum` (a signal handler's arguments), with status 3 and one line:
+    TrainingStopped is raised, so that the temporary files of a write are removed on the way out (files.py) and
+    the command's own clean-up runs. `what` ends the line: what was kept. Call it from a handler wrapped in
+    `outside_imports`."""
+    raise TrainingStopped(f"{signal_name(signum)} received: stopped at once ({what})", exit_code=EXIT_STOPPED)
 
-    While a module is being loaded (torch, transformers, accelerate and matplotlib take seconds), the process
-    exits at once: an exception raised in a module's body leaves it half-imported, and a later import fails in
-    its place (numpy, for one, then recurses without end). Anywhere else TrainingStopped is raised, so that the
-    temporary files of a write are removed on the way out (files.py). `what` ends its line: what was kept."""
+
+def outside_imports(handler: Callable) -> Callable:
+    """`handler` (a stop-signal handler) run only when the main thread is not loading a module.
+
+    An exception raised in a module's body leaves it half-imported, and a later import fails in its place (numpy,
+    for one, then recurses without end); and imports are everywhere: torch, transformers and matplotlib take
+    seconds at start-up, tqdm, transformers' model classes and others load lazily later. So a signal that comes
+    during an import waits for it to end and is delivered again then (`_AfterImport`), to whatever handles it
+    by then. A second stop signal while it waits ends the process at once, a way out of an import that hangs."""
+
+    def handle(signum, frame):
+        module = _loading_module(frame)
+        redelivered, _after_import.redelivering = _after_import.redelivering, False
+        if module is None:
+            _after_import.waiting = None
+            return handler(signum, frame)
+        if _after_import.waiting is None or redelivered:
+            _after_import.wait(signum)
+            return None
+        _end_now(f"stopped: {signal_name(signum)} received again while Python was loading {module}: ended at "
+                 f"once, without saving or cleaning up")
+
+    return handle
+
+
+def signal_name(signum: int) -> str:
     import signal
 
-    name = signal.Signals(signum).name
-    module = _loading_module(frame)
-    if module is None:
-        raise TrainingStopped(f"{name} received: stopped at once ({what})", exit_code=EXIT_STOPPED)
-    line = f"stopped: {name} received while Python was loading {module} ({what})"
+    return signal.Signals(signum).name
+
+
+def _end_now(line: str) -> None:
     status_dir = os.environ.get(STATUS_DIR_ENV)
     if not (status_dir and _record_status(status_dir, EXIT_STOPPED, line)):
         print(line, file=sys.stderr, flush=True)
     os._exit(EXIT_STOPPED)
+
+
+class _AfterImport:
+    """Delivers a stop signal that came during an import again once the main thread has left every import: a
+    thread looks at the main thread's frames every few milliseconds, then signals it (pthread_kill)."""
+
+    POLL_SECONDS = 0.005
+
+    def __init__(self):
+        self.waiting: int | None = None  # the signal waiting for an import to end
+        self.redelivering = False  # the next stop signal is that copy, not a second one from outside
+
+    def wait(self, signum: int) -> None:
+        import threading
+
+        self.waiting = signum
+        threading.Thread(target=self._deliver_after_import, args=(signum, threading.main_thread().ident),
+                         daemon=True, name="stop-signal-after-import").start()
+
+    def _deliver_after_import(self, signum: int, main: int) -> None:
+        import signal
+        import time
+
+        while (frame := sys._current_frames().get(main)) is not None and _loading_module(frame) is not None:
+            time.sleep(self.POLL_SECONDS)
+        if frame is not None and self.waiting == signum:
+            self.redelivering = True
+            signal.pthread_kill(main, signum)
+
+
+_after_import = _AfterImport()
 
 
 def _loading_module(frame) -> str | None:
@@ -188,9 +244,10 @@ def _loading_module(frame) -> str | None:
 
 def stop_while_starting(signals=("SIGTERM", "SIGUSR1", "SIGINT")) -> dict:
     """Until the run installs its own handlers (preemption.StopRequests), a stop signal (while Python is still
-    importing torch and transformers, say) ends the process with one line and status 3 (`stop_at_once`), not a
-    traceback or a bare 143. Every command calls this first, before its heavy imports. Returns the handlers it
-    replaced (signal -> handler), for a caller that runs in a process of its own making (a test) to put back."""
+    importing torch and transformers, say: once that import is over, see `outside_imports`) ends the process
+    with one line and status 3 (`stop_at_once`), not a traceback or a bare 143. Every command calls this first,
+    before its heavy imports. Returns the handlers it replaced (signal -> handler), for a caller that runs in a
+    process of its own making (a test) to put back."""
     import signal
 
     def stopped(signum, frame):
@@ -200,7 +257,7 @@ def stop_while_starting(signals=("SIGTERM", "SIGUSR1", "SIGINT")) -> dict:
             return
         stop_at_once(signum, frame, "nothing was left half-written")
 
-    return {getattr(signal, name): signal.signal(getattr(signal, name), stopped)
+    return {getattr(signal, name): signal.signal(getattr(signal, name), outside_imports(stopped))
             for name in signals if hasattr(signal, name)}
 
 

@@ -25,6 +25,7 @@ from .errors import (
     EXIT_STOPPED,
     exit_status,
     log_errors_to,
+    outside_imports,
     signals_taken_over,
     stop_at_once,
     stop_while_starting,
@@ -72,7 +73,7 @@ class StopRequests:
 
     def __enter__(self) -> Self:
         signals_taken_over()
-        self._handlers.enter_context(handling(STOP_SIGNALS, self._handle))
+        self._handlers.enter_context(handling(STOP_SIGNALS, outside_imports(self._handle)))
         return self
 
     def __exit__(self, *exc) -> None:

@@ -143,3 +143,54 @@ def test_a_password_in_the_command_line_never_reaches_error_log(tmp_path, monkey
     text = (tmp_path / "error.log").read_text(encoding="utf-8")
     assert "s3cr" not in text and "s3cr" not in capsys.readouterr().err
     assert "--storage postgresql://optuna:***@db.example:5432/studies" in text
+
+
+STOPPED_DURING_AN_IMPORT = """
+import os, shutil, sys, time
+from afqmc_dist.preemption import run_command
+
+def work():
+    os.mkdir(sys.argv[1])  # a temporary folder that the command removes on any way out
+    try:
+        import slow_module
+        print("imported", slow_module.LOADED, flush=True)
+        time.sleep(60)  # the command goes on with its work
+    finally:
+        shutil.rmtree(sys.argv[1])
+
+sys.exit(run_command(work))
+"""
+
+
+def _command_signalled_during_an_import(tmp_path, module_body: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run a command whose work imports a module that sends the process SIGTERM from its own body."""
+    (tmp_path / "slow_module.py").write_text(f"import os, signal, time\n{module_body}\nLOADED = True\n")
+    (tmp_path / "command.py").write_text(STOPPED_DURING_AN_IMPORT)
+    folder = tmp_path / "temporary"
+    result = subprocess.run([sys.executable, str(tmp_path / "command.py"), str(folder)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=limit(60),
+                            env={**os.environ, "PYTHONPATH": f"{tmp_path}:{ROOT}"})
+    return result, folder
+
+
+def test_a_stop_signal_during_an_import_waits_for_it_then_stops_cleanly(tmp_path):
+    """A stop signal in the middle of a lazy import (tqdm loading multiprocessing while a download was under
+    way) used to end the process on the spot: status 3, but the download's temporary folder was left behind."""
+    result, folder = _command_signalled_during_an_import(
+        tmp_path, "os.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(0.5)")
+
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == "imported True\n", "the import ran to its end"
+    assert result.stderr.startswith("stopped: SIGTERM received: stopped at once (") and result.stderr.count("\n") == 1
+    assert not folder.exists(), "the command's own clean-up ran"
+
+
+def test_a_second_stop_signal_during_a_hanging_import_ends_the_process_at_once(tmp_path):
+    result, _ = _command_signalled_during_an_import(
+        tmp_path, "os.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(0.3)\nos.kill(os.getpid(), signal.SIGTERM)\n"
+                  "time.sleep(600)")
+
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == ""
+    assert result.stderr == ("stopped: SIGTERM received again while Python was loading slow_module: ended at once, "
+                             "without saving or cleaning up\n")
