@@ -321,6 +321,7 @@ def _bad_inputs(folder: Path, model: Path, train: Path) -> dict:
         "unreadable_config": (folder / "unreadable.yaml", [], "unreadable.yaml: not readable"),
         "unknown_option": (config("typo", learnin_rate=1e-3), [], "unknown option 'learnin_rate' (did you mean"),
         "dev_file_given": (config("dev", dev_file=str(train)), [], "dev_file: each run's dev file is its fold"),
+        "eval_cap_given": (config("cap", max_eval_samples=10), [], "max_eval_samples: every run evaluates its whole"),
         "no_train_file": (config("no_train", train_file=None), [], "train_file is required"),
         "missing_train_file": (config("gone", train=folder / "gone.json"), [], "gone.json: no such file"),
         "bad_line_in_the_train_file": (config("line", train=bad_line), [], f"{bad_line}:2: not valid JSON"),
@@ -333,8 +334,8 @@ def _bad_inputs(folder: Path, model: Path, train: Path) -> dict:
 
 
 CASES = ("more_folds_than_the_rarest_label", "missing_config", "config_not_yaml", "unreadable_config",
-         "unknown_option", "dev_file_given", "no_train_file", "missing_train_file", "bad_line_in_the_train_file",
-         "value_train_py_refuses", "missing_launcher", "missing_model_folder")
+         "unknown_option", "dev_file_given", "eval_cap_given", "no_train_file", "missing_train_file",
+         "bad_line_in_the_train_file", "value_train_py_refuses", "missing_launcher", "missing_model_folder")
 
 
 @needs_optuna

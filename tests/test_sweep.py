@@ -21,7 +21,9 @@ import pytest
 import yaml
 from conftest import ROOT, SAMPLE_DIR, fill_disk, free_port, last_error_line, limit, read_jsonl, snapshot
 
+from afqmc_dist.errors import EXIT_STOPPED
 from afqmc_dist.sweep.__main__ import main
+from afqmc_dist.sweep.runs import run_seed
 from afqmc_dist.tiny_model import build_tiny_bert, vocab_from_files
 
 optuna = pytest.importorskip("optuna", reason="needs optuna, which is not installed")
@@ -183,6 +185,23 @@ def test_a_worker_killed_mid_trial_has_its_trial_resumed_by_the_next_run_of_the_
     # The retry resumed the killed seed's checkpoint in the same folder instead of starting over.
     second_attempt = (first_run.parent / "seed-1.log").read_text(encoding="utf-8").split("==== ")[2]
     assert "resumed from" in second_attempt
+
+
+def test_a_run_stopped_before_its_handlers_are_set_is_stopped_not_failed(small_model, tmp_path, monkeypatch):
+    """The worker passes a stop signal on as soon as the run's process exists (`started`). One that lands in the
+    interpreter's first moments, before the run can handle it, used to fail the trial ('the run was killed by
+    SIGTERM', status 4) instead of queueing it again like any stopped run."""
+    monkeypatch.chdir(ROOT)
+    options = {**yaml.safe_load(quick_sweep(tmp_path, small_model).read_text())["base"], "seed": 1}
+    folder = tmp_path / "trials" / "0000" / "seed-1"
+    folder.parent.mkdir(parents=True)
+
+    result = run_seed([sys.executable, "train.py"], options, str(folder), "accuracy", {}, {},
+                      started=lambda process: process and process.send_signal(signal.SIGTERM))
+
+    assert result.status == EXIT_STOPPED, result
+    assert result.line.startswith("stopped: SIGTERM "), result
+    assert not folder.exists(), "the run wrote nothing"
 
 
 # --- bad sweep files --------------------------------------------------------------------------------------------

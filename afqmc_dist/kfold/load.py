@@ -26,9 +26,11 @@ from .folds import assign_folds, rarest_label
 from .spec import KFoldSpec
 
 DEFAULT_SEED = 42  # train.py's
-# Run options the k-fold sets for every run, and why (the config file may not give them).
+# Run options the k-fold sets for every run, or needs left alone, and why (the config file may not give them).
 SET_BY_KFOLD = {
     "dev_file": "each run's dev file is its fold (folds/fold-K/dev.json)",
+    "max_eval_samples": "every run evaluates its whole dev fold, so that cv.md's fold metrics and out-of-fold "
+                        "metrics are over the same pairs",
     "predict_file": "each run predicts its own dev fold",
     "do_predict": "every run predicts its own dev fold",
     **{name: "set by the k-fold for each run (runs/trials/NNNN/seed-S, resuming its own checkpoint)"
@@ -160,6 +162,6 @@ class _LauncherFlag:
 def check_launcher(value: str | None) -> list[str]:
     """The launcher as a list of words, checked as a sweep file's `launcher` is (its program and the files it names
     exist); the default is this project's `python train.py`."""
-    from ..sweep.load import _check_launcher
+    from ..sweep import load
 
-    return _check_launcher(_LauncherFlag(), value)
+    return load.check_launcher(_LauncherFlag(), value)

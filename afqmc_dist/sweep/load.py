@@ -133,7 +133,7 @@ def load_sweep(path: str, sweep_dir: str) -> SweepSpec:
 
     spec = SweepSpec(path=os.path.abspath(path), study_name=study_name, base=base, space=space, seeds=seeds,
                      n_trials=n_trials, objective=objective, sampler=sampler, pruner=pruner,
-                     launcher=_check_launcher(c, data.get("launcher")), heartbeat_interval=heartbeat,
+                     launcher=check_launcher(c, data.get("launcher")), heartbeat_interval=heartbeat,
                      grace_period=grace)
     try:  # the sampler's arguments were checked by name; now their values
         spec.make_sampler()
@@ -315,10 +315,11 @@ def _check_component(c: _Checker, key: str, value, names: dict, module: str) -> 
     return entry
 
 
-def _check_launcher(c: _Checker, value) -> list[str]:
+def check_launcher(c: _Checker, value) -> list[str]:
     """The launcher command as a list. `python` at its start is the interpreter running the sweep, and a program
     not on PATH is looked for beside it (a virtual environment's `accelerate`); the default is `python train.py`
-    (this project's). Its program must be found, and the files it names must exist."""
+    (this project's). Its program must be found, and the files it names must exist. (k-fold's --launcher is
+    checked here too: `c` is anything with the checker's `fail(message, *keys) -> UserError`.)"""
     if value is None:
         return [sys.executable, os.path.join(ROOT, "train.py")]
     if isinstance(value, str):

@@ -29,10 +29,11 @@ from dataclasses import asdict, dataclass
 
 import yaml
 
-from ..errors import EXIT_INTERNAL, EXIT_OK, STATUS_DIR_ENV, UserError, mask_secrets
+from ..errors import EXIT_INTERNAL, EXIT_OK, EXIT_STOPPED, STATUS_DIR_ENV, UserError, mask_secrets
 from ..files import atomic_open
 from ..launcher import free_port
 from ..outputs import RESULTS
+from ..preemption import STOP_SIGNALS
 
 TRIALS, TRIAL_JSON = "trials", "trial.json"
 # Run in front of the launcher: the run gets SIGTERM when its worker dies (SIGKILL, the OOM killer), so that it
@@ -175,6 +176,10 @@ def _outcome(status_dir: str, returncode: int, log_path: str) -> tuple[int, str 
         chosen = next((r for r in failing if r.get("rank") == 0), failing[0] if failing else records[0])
         line = chosen.get("line") or next((r["line"] for r in records if r.get("line")), None)
         return int(chosen["status"]), line
+    if -returncode in STOP_SIGNALS:
+        # Stopped in its first moments, before Python had set up its handlers (errors.stop_while_starting): a
+        # stop all the same, so the trial is queued again rather than failed.
+        return EXIT_STOPPED, f"stopped: {signal.Signals(-returncode).name} ended the run before it could handle it"
     if returncode < 0:
         return EXIT_INTERNAL, f"the run was killed by {signal.Signals(-returncode).name}"
     return returncode, _last_line(log_path)
