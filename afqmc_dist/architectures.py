@@ -99,8 +99,3 @@ def attention_implementation(model_cls, on_gpu: bool) -> str:
     if on_gpu and getattr(model_cls, "_supports_flash_attn", False) and importlib.util.find_spec("flash_attn"):
         return "flash_attention_2"
     return "sdpa" if getattr(model_cls, "_supports_sdpa", False) else "eager"
-
-
-def encoder_prefix(model_cls) -> str:
-    """The attribute (and weight-name prefix) of the encoder inside a model of class `model_cls`."""
-    return model_cls.base_model_prefix

@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from .errors import CommandParser, UserError, log_errors_to
+from .files import make_missing_dirs, remove_empty_dirs
 from .preemption import run_command
 
 DEFAULT_URL = "https://storage.googleapis.com/cluebenchmark/tasks/afqmc_public.zip"
@@ -138,28 +139,6 @@ def install(staging: Path, output_dir: Path) -> None:
         raise UserError(f"cannot move the files into {output_dir}: {e}") from None
 
 
-def make_dirs(path: Path) -> list[Path]:
-    """Create `path` and any missing parents; return the ones created, deepest first (to undo on failure)."""
-    missing = []
-    while not path.exists():
-        missing.append(path)
-        path = path.parent
-    try:
-        for folder in reversed(missing):
-            folder.mkdir()
-    except OSError as e:
-        raise UserError(f"cannot create {missing[0]}: {e}") from None
-    return missing
-
-
-def remove_empty_dirs(folders: list[Path]) -> None:
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
-
-
 def download(url: str, output_dir: Path, force: bool = False) -> str:
     """Fetch, verify and install the three files; return what was done, as one line for the user."""
     if output_dir.exists() and not output_dir.is_dir():
@@ -167,7 +146,10 @@ def download(url: str, output_dir: Path, force: bool = False) -> str:
     names = ", ".join(EXPECTED_SHA256)
     if not force and already_present(output_dir):
         return f"{output_dir} already holds {names} with the official checksums; nothing to do (--force to redo)"
-    created = make_dirs(output_dir.parent)
+    try:
+        created = make_missing_dirs(output_dir.parent)
+    except OSError as e:
+        raise UserError(f"cannot create {output_dir.parent}: {e}") from None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.download-", dir=output_dir.parent))
     except OSError as e:

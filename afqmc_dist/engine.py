@@ -17,6 +17,7 @@ from accelerate.utils import DistributedType
 
 from .distributed import first_error
 from .errors import UserError
+from .training.recipes import check_engine as check_recipes_engine
 
 
 def make_accelerator(cfg) -> tuple[Accelerator, dict]:
@@ -40,6 +41,8 @@ def make_accelerator(cfg) -> tuple[Accelerator, dict]:
         raise UserError(f"accelerate cannot set up this run: {e}") from None
     check_launch(accelerator)
     check_engine(cfg, accelerator.gradient_accumulation_steps, deepspeed_config(accelerator))
+    if cfg.do_train:  # the recipes: refused before the data and the model are loaded
+        check_recipes_engine(cfg, accelerator.distributed_type)
     return accelerator, {"mixed_precision": accelerator.mixed_precision, "tf32": set_tf32(cfg, accelerator)}
 
 

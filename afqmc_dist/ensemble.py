@@ -16,13 +16,13 @@ import json
 import os
 
 from .errors import UserError, first_line
-
-ENSEMBLE_JSON = "ensemble.json"  # {"kind": "kfold", "members": [paths relative to the folder]}
-SWEEP_JSON = "sweep.json"  # sweep/study.py: the marker of a sweep folder
+from .kfold.folder import ENSEMBLE_JSON  # {"kind": "kfold", "members": [paths relative to the folder]}
 
 
 def members(paths: list[str]) -> list[str]:
     """The model folders that `--model PATH ...` stands for, in order (a folder may appear once only)."""
+    from .sweep.study import SWEEP_JSON  # the marker of a sweep folder
+
     folders = []
     for path in paths:
         if os.path.isfile(os.path.join(path, ENSEMBLE_JSON)):

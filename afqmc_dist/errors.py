@@ -153,8 +153,8 @@ def _outcome(run: Callable[[], None]) -> tuple[int, str | None]:
     return EXIT_OK, None
 
 
-def stop_at_once(signum: int, frame, what: str) -> None:
-    """End the command for stop signal `signum` (a signal handler's arguments), with status 3 and one line:
+def stop_at_once(signum: int, what: str) -> None:
+    """End the command for stop signal `signum`, with status 3 and one line:
     TrainingStopped is raised, so that the temporary files of a write are removed on the way out (files.py) and
     the command's own clean-up runs. `what` ends the line: what was kept. Call it from a handler wrapped in
     `outside_imports`."""
@@ -255,7 +255,7 @@ def stop_while_starting(signals=("SIGTERM", "SIGUSR1", "SIGINT")) -> dict:
             # The run handles stop signals itself (preemption.py) and puts this handler back when it ends: a
             # signal now (torchrun stopping the survivors of a failed process) must not replace its status.
             return
-        stop_at_once(signum, frame, "nothing was left half-written")
+        stop_at_once(signum, "nothing was left half-written")
 
     return {getattr(signal, name): signal.signal(getattr(signal, name), outside_imports(stopped))
             for name in signals if hasattr(signal, name)}

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 from contextlib import contextmanager
+from pathlib import Path
 
 from safetensors import SafetensorError
 
@@ -41,6 +42,24 @@ def write_error(path: str, error: BaseException) -> str:
     full = getattr(error, "errno", None) == errno.ENOSPC or "space" in text.lower() or "unexpected pos" in text
     free = f" ({free_mib(path):.0f} {DISK_FULL})" if full or free_mib(path) < 64 else ""
     return f"writing {path} failed: {reason}{free}"
+
+
+def make_missing_dirs(folder: Path) -> list[Path]:
+    """Create `folder` and its missing parents; return those created, deepest first (for `remove_empty_dirs` to
+    undo on failure). OSError as mkdir raises it."""
+    missing = [path for path in (folder, *folder.parents) if not path.exists()]
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)
+    return missing
+
+
+def remove_empty_dirs(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first) up to the first that is not empty: it holds something to keep."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def remove_quietly(path: str) -> None:

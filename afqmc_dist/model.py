@@ -137,7 +137,8 @@ def build_model_and_tokenizer(cfg):
     config = load_config(path, cfg.model_type, cfg.label_list)
     check_family(config, where, cfg.allow_untested_architecture)
     model_cls = head_class(config, cfg.head)
-    resolved = cls_head_class(config) if cfg.head == "cls" else MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)]
+    # The Auto class's concrete class for this config: its attention support decides the implementation.
+    resolved = model_cls if cfg.head == "cls" else MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)]
     attention = attention_implementation(resolved, on_gpu=torch.cuda.is_available() and not cfg.cpu)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, config=config)

@@ -151,15 +151,14 @@ class UniqueIds:
         self.db.execute("CREATE TABLE ids (id TEXT PRIMARY KEY, line INTEGER) WITHOUT ROWID")
         self.pending: list[tuple[str, int, object]] = []
 
-    def add(self, example: PairExample, lineno: int) -> bool:
-        """Note the line's id; False if it has none."""
+    def add(self, example: PairExample, lineno: int) -> None:
+        """Note the line's id, if it has one."""
         key = id_key_of(example, self.id_key, f"{self.path}:{lineno}")
         if key is None:
-            return False
+            return
         self.pending.append((key, lineno, example.raw[self.id_key]))
         if len(self.pending) >= ID_BATCH:
             self.flush()
-        return True
 
     def flush(self) -> None:
         try:

@@ -44,6 +44,7 @@ from pathlib import Path
 from .config import DEFAULT_EVAL_BATCH, RunConfig
 from .ensemble import members
 from .errors import CommandParser, UserError, log_errors_to
+from .files import make_missing_dirs, remove_empty_dirs
 from .pairs import PairSchema, unencodable
 from .preemption import run_command
 
@@ -139,23 +140,14 @@ def check_sentences(pair: list[str]) -> None:
             raise UserError("the two sentences must not be empty")
 
 
-def make_dirs(folder: Path) -> list[Path]:
+def make_output_folder(output: str) -> list[Path]:
     """Create OUTPUT's folder and its missing parents (once the input and the model have been checked); return
     those created, deepest first (removed again if the prediction fails before any piece is done)."""
-    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder = Path(os.path.abspath(output)).parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        return make_missing_dirs(folder)
     except OSError as e:
         raise UserError(f"--output: cannot create {folder} ({e.strerror or e})") from None
-    return created
-
-
-def remove_empty(folders: list[Path]) -> None:
-    for folder in folders:  # deepest first; a folder that holds anything (kept pieces) stays
-        try:
-            folder.rmdir()
-        except OSError:
-            break
 
 
 def pair_file(args, folder: str) -> str:
@@ -189,7 +181,6 @@ def predict_file(args, cfg: RunConfig, source: str, to_file: bool, stop_requests
     from .export.runtime import is_exported, load_exported
     from .inference.engine import PieceRunner
     from .inference.jobs import predict_to_file, predict_to_stdout
-    from .inference.pieces import job_description
     from .inference.scan import scan
     from .model import check_model_fits, load_trained_model
 
@@ -215,14 +206,12 @@ def predict_file(args, cfg: RunConfig, source: str, to_file: bool, stop_requests
         if accelerator.is_main_process:
             print(f"{done.line()} written to stdout", file=sys.stderr)
     else:
-        created = on_main(accelerator, lambda: make_dirs(Path(os.path.abspath(args.output)).parent))
-        job = job_description(index, args.models, accelerator, args.batch_size, cfg.max_seq_length,
-                              [cfg.sentence1_key, cfg.sentence2_key, cfg.id_key])
+        created = on_main(accelerator, lambda: make_output_folder(args.output))
         try:
-            written, done = predict_to_file(runner, args.output, job, args.restart, None, stop_requests)
+            written, done = predict_to_file(runner, args.output, args.models, args.restart, None, stop_requests)
         except BaseException:
             if accelerator.is_main_process:
-                remove_empty(created)
+                remove_empty_dirs(created)
             raise
         accelerator.print(f"{done.line()} written to {', '.join(written)}")
     accelerator.wait_for_everyone()

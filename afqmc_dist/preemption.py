@@ -102,7 +102,7 @@ class StopRequests:
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
         if not self.defer:
-            stop_at_once(signum, frame, self.kept)
+            stop_at_once(signum, self.kept)
 
     def requested(self) -> str | None:
         """The signal that asks this run to stop (on any rank), or None. Call on every rank at the same step."""

@@ -26,7 +26,6 @@ from .evaluation import loggable
 from .files import write_json
 from .inference.engine import PieceRunner
 from .inference.jobs import evaluate_file, predict_to_file
-from .inference.pieces import job_description
 from .inference.scan import scan
 from .model import build_model_and_tokenizer
 from .outputs import PHASE_CONFIGS, PREDICTIONS, RESULTS, TEST_RESULTS
@@ -194,12 +193,11 @@ class Run:
     def predict(self, model, tokenizer) -> list[str]:
         """Predict every line of --predict_file (default --test_file) with the best model, in input order, into
         OUTPUT_DIR/predictions.jsonl through its pieces (inference/pieces.py: a rerun keeps the complete ones)."""
-        cfg, index = self.cfg, self.indexes["predict"]
-        job = job_description(index, [find_best_dir(cfg.output_dir)], self.accelerator, self.plan.eval_per_device,
-                              cfg.max_seq_length, [cfg.sentence1_key, cfg.sentence2_key, cfg.id_key])
+        cfg = self.cfg
         output = os.path.join(cfg.output_dir, PREDICTIONS)
-        written, done = predict_to_file(self.runner(model, tokenizer, "predict"), output, job, restart=False,
-                                        task_name=cfg.task_name, stop_requests=self.stop_requests)
+        written, done = predict_to_file(self.runner(model, tokenizer, "predict"), output,
+                                        [find_best_dir(cfg.output_dir)], restart=False, task_name=cfg.task_name,
+                                        stop_requests=self.stop_requests)
         self.tracker.log({"samples_per_second": done.pairs_per_second, "count": done.pairs}, prefix="predict")
         return written
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -16,6 +17,16 @@ SAMPLE_DATA = REPO / "afqmc_dist" / "sample_data"
 
 class RowFailed(Exception):
     """A row could not be measured; the message is what the table shows."""
+
+
+def measured(what: str, measure: Callable[[], dict], row: dict) -> dict:
+    """`row` updated with `measure()`, logged as `what ...`; if it raises RowFailed, `row` with the message as its
+    "error" (the table shows it and the other rows are still measured)."""
+    log(f"{what} ...")
+    try:
+        return {**row, **measure()}
+    except RowFailed as e:
+        return {**row, "error": str(e)}
 
 
 def log(message: str) -> None:

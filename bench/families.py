@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from functools import partial
 from pathlib import Path
 
-from bench.common import BENCH, RowFailed, log, parse_list, write_output
+from bench.common import BENCH, measured, parse_list, write_output
 from bench.tool_loop import run_tool_on_cpu
 from bench.workload import sample_workload
 
@@ -48,14 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(BENCH / "results" / "families.json"))
     args = parser.parse_args(argv)
     families = parse_list(args.families, tuple(FAMILIES))
-    rows = []
     with sample_workload("families-", args.train_samples) as (work, data):
-        for family in families:
-            log(f"{family} ...")
-            try:
-                rows.append(measure(family, data, work, args))
-            except RowFailed as e:
-                rows.append({"family": family, "error": str(e)})
+        rows = [measured(family, partial(measure, family, data, work, args), {"family": family})
+                for family in families]
     # Per token, not per pair: each family's tokenizer cuts a pair into its own number of tokens.
     bert = next((r.get("train_tokens_per_second") for r in rows if r["family"] == "bert"), None)
     print(f"{'family':<15} {'samples/s':>10} {'tokens/pair':>11} {'tokens/s':>9} {'vs bert':>8} {'padding':>8} "

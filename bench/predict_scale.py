@@ -38,9 +38,21 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
-from bench.common import BENCH, REPO, SAMPLE_DATA, SHARED_DATA, RowFailed, log, parse_list, write_output
+from bench.common import (
+    BENCH,
+    REPO,
+    SAMPLE_DATA,
+    SHARED_DATA,
+    RowFailed,
+    log,
+    measured,
+    parse_list,
+    read_jsonl,
+    write_output,
+)
 
 IN_MEMORY_COMMIT = "69476ed"  # the last version whose predict read the whole file into memory
 ROWS = ("streaming", "streaming_2p", "in_memory")
@@ -50,12 +62,8 @@ BATCH = 64
 
 def source_pairs() -> list[dict]:
     folder = SHARED_DATA / "afqmc" if (SHARED_DATA / "afqmc" / "train.json").exists() else SAMPLE_DATA
-    pairs = []
-    for name in ("train.json", "dev.json"):
-        with open(folder / name, encoding="utf-8") as f:
-            pairs += [{k: v for k, v in json.loads(line).items() if k in ("sentence1", "sentence2")}
-                      for line in f if line.strip()]
-    return pairs
+    return [{k: record[k] for k in ("sentence1", "sentence2")}
+            for name in ("train.json", "dev.json") for record in read_jsonl(folder / name)]
 
 
 def write_input(path: Path, count: int, pairs: list[dict]) -> Path:
@@ -210,13 +218,11 @@ def main(argv: list[str] | None = None) -> int:
             for row in rows_wanted:
                 if row == "streaming_2p" and count != sizes[0]:
                     continue
-                log(f"{row} at {count} pairs ...")
-                try:
-                    if row == "in_memory" and in_memory_error:
-                        raise RowFailed(in_memory_error)
-                    results.append(measure(row, model, source, count, work))
-                except RowFailed as e:
-                    results.append({"row": row, "pairs": count, "error": str(e)})
+                if row == "in_memory" and in_memory_error:
+                    results.append({"row": row, "pairs": count, "error": in_memory_error})
+                    continue
+                results.append(measured(f"{row} at {count} pairs", partial(measure, row, model, source, count, work),
+                                        {"row": row, "pairs": count}))
             if count == sizes[0]:
                 log("stage rates ...")
                 stages = stage_rates(model, source, count)

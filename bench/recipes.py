@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from functools import partial
 from pathlib import Path
 
-from bench.common import BENCH, SAMPLE_DATA, RowFailed, log, parse_list, write_output
+from bench.common import BENCH, SAMPLE_DATA, measured, parse_list, write_output
 from bench.tool_loop import run_tool_on_cpu
 from bench.workload import build_model, sample_workload
 
@@ -49,15 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--output", default=str(BENCH / "results" / "recipes.json"))
     args = parser.parse_args(argv)
-    rows, results = parse_list(args.rows, tuple(ROWS)), []
+    rows = parse_list(args.rows, tuple(ROWS))
     with sample_workload("recipes-", args.train_samples) as (work, data):
         model = build_model("small", None, SAMPLE_DATA, work)
-        for row in rows:
-            log(f"{row} ...")
-            try:
-                results.append(measure(row, model, data, work, args.threads))
-            except RowFailed as e:
-                results.append({"row": row, "flags": " ".join(ROWS[row]), "error": str(e)})
+        results = [measured(row, partial(measure, row, model, data, work, args.threads),
+                            {"row": row, "flags": " ".join(ROWS[row])}) for row in rows]
     plain = next((r["seconds_per_step"] for r in results if r["row"] == "plain" and "error" not in r), None)
     print(f"{'recipe':<19} {'flags':<62} {'s/step':>7} {'vs plain':>8} {'load':>5}")
     for r in results:

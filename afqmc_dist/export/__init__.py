@@ -25,9 +25,3 @@ imports them, and only once a command or `load_exported` needs them; training an
 
 REPORT = "export_report.json"  # written last: its presence marks a complete export
 MODEL_FILE = "model.onnx"
-
-
-def one_line(error: BaseException, limit: int = 200) -> str:
-    """A library error's message on one line (the exporter's and ONNX Runtime's run to many), cut at `limit`."""
-    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -11,11 +11,11 @@ import time
 from dataclasses import dataclass
 
 from ..errors import CommandParser, UserError, log_errors_to
+from ..outputs import RUN_CONFIG
 from ..pairs import PairSchema
 from ..preemption import run_command
 from .folder import check_output_dir, staged_export
 
-RUN_CONFIG = "run_config.json"
 DEFAULT_MAX_DROP = 0.005
 OPTIONAL = ("onnx", "onnxruntime", "onnxscript")
 

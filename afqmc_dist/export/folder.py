@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import UserError
-from ..files import replace_dir, write_error
+from ..files import make_missing_dirs, remove_empty_dirs, replace_dir, write_error
 from . import MODEL_FILE, REPORT
 
 
@@ -39,14 +39,6 @@ def check_output_dir(path: str) -> None:
         raise UserError(f"{where}: cannot write here ({existing} is not a writable folder)")
 
 
-def _make_parents(folder: Path) -> list[Path]:
-    """Create the missing parents of `folder`; return them, deepest first (to remove on failure)."""
-    missing = [p for p in folder.parents if not p.exists()]
-    for parent in reversed(missing):
-        parent.mkdir()
-    return missing
-
-
 @contextmanager
 def staged_export(path: str) -> Iterator[str]:
     """A temporary folder beside `path` to write the export into; renamed to `path` when the block completes.
@@ -57,7 +49,7 @@ def staged_export(path: str) -> Iterator[str]:
     final = Path(os.path.abspath(path))
     created, tmp, done = [], None, False
     try:
-        created = _make_parents(final)
+        created = make_missing_dirs(final.parent)
         # mkdir, not mkdtemp: the export gets the usual permissions (umask), not mkdtemp's owner-only ones
         tmp = str(final.parent / f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
         os.mkdir(tmp)
@@ -69,8 +61,5 @@ def staged_export(path: str) -> Iterator[str]:
     finally:
         if tmp and not done:
             shutil.rmtree(tmp, ignore_errors=True)
-        for parent in created if not done else []:  # deepest first, each empty once the temporary is gone
-            try:
-                parent.rmdir()
-            except OSError:
-                break
+        if not done:  # deepest first, each empty once the temporary is gone
+            remove_empty_dirs(created)

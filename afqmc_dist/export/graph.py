@@ -23,7 +23,7 @@ from torch import nn
 
 from ..architectures import max_tokens, takes_token_types
 from ..errors import UserError
-from . import one_line
+from ..loading import reason
 
 EXAMPLE_BATCH, EXAMPLE_LENGTH, EXAMPLE_PADDED_FROM = 2, 8, 5
 # protobuf's limit for one file: a larger model keeps its weights in a file beside model.onnx (.data)
@@ -89,7 +89,7 @@ def export_onnx(model, tokenizer, path: str, where: str) -> list[str]:
                                         dynamic_shapes=(tuple({0: batch, 1: sequence} for _ in names),))
     except Exception as e:  # noqa: BLE001 - torch.export and onnxscript raise many types; each is one refusal
         raise UserError(f"{where}: torch.onnx cannot export this {model.config.model_type!r} model "
-                        f"({type(e).__name__}: {one_line(e)})") from None
+                        f"({type(e).__name__}: {reason(e, 200)})") from None
     proto = program.model_proto
     # The exporter's intermediate shape annotations can disagree with what ONNX's own shape inference finds
     # (a dimension recorded from the example batch), which makes the quantizer fail: ONNX Runtime needs none.

@@ -15,14 +15,13 @@ Runtime, not torch, decides where it runs). ONNX Runtime runs on the CPU, or wit
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import UserError
-from . import MODEL_FILE, REPORT, one_line
+from . import MODEL_FILE, REPORT
 from .folder import is_export_folder
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
@@ -30,7 +29,7 @@ CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 
 def is_exported(folder: str | os.PathLike) -> bool:
     """Whether `folder` is an export written by `python -m afqmc_dist.export` (model.onnx + export_report.json)."""
-    return os.path.isdir(folder) and is_export_folder(folder)
+    return is_export_folder(folder)
 
 
 def import_onnxruntime():
@@ -90,19 +89,21 @@ def session_options(onnxruntime):
 
 def make_session(model_path: str, prefer_cuda: bool):
     """An ONNX Runtime session on `model_path`: CUDA first where asked for and available, the CPU otherwise."""
+    from ..loading import reason
+
     onnxruntime = import_onnxruntime()
     providers = [CUDA, CPU] if prefer_cuda and CUDA in onnxruntime.get_available_providers() else [CPU]
     try:
         return onnxruntime.InferenceSession(model_path, session_options(onnxruntime), providers=providers)
     except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types (Fail, InvalidGraph, ...)
-        raise UserError(f"{model_path}: ONNX Runtime cannot load it ({one_line(e)})") from None
+        raise UserError(f"{model_path}: ONNX Runtime cannot load it ({reason(e, 200)})") from None
 
 
 def load_exported(folder: str, prefer_cuda: bool):
     """(model, tokenizer) of an exported folder (see the module doc); UserError if it is not one or is damaged."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from ..loading import LOAD_ERRORS
+    from ..loading import LOAD_ERRORS, reason
 
     if not is_exported(folder):
         raise UserError(f"{folder}: not an exported model (no {MODEL_FILE} and {REPORT}); "
@@ -111,12 +112,6 @@ def load_exported(folder: str, prefer_cuda: bool):
         config = AutoConfig.from_pretrained(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except LOAD_ERRORS as e:
-        raise UserError(f"{folder}: cannot load the exported model's config or tokenizer ({one_line(e)})") from None
+        raise UserError(f"{folder}: cannot load the exported model's config or tokenizer ({reason(e, 200)})") from None
     model = ExportedClassifier(make_session(os.path.join(folder, MODEL_FILE), prefer_cuda), config)
     return model, tokenizer
-
-
-def read_report(folder: str) -> dict:
-    """The export's report (what it was checked on, and how it compared with the trained model)."""
-    with open(os.path.join(folder, REPORT), encoding="utf-8") as f:
-        return json.load(f)

@@ -13,7 +13,7 @@ import torch
 
 from ..architectures import FAMILIES
 from ..errors import UserError
-from ..files import write_json
+from ..files import remove_quietly, write_json
 from ..model import check_model_fits, load_trained_config, load_trained_model
 from . import MODEL_FILE, REPORT
 from .check import (
@@ -67,8 +67,7 @@ def export_checked(args, plan, folder: str) -> dict:
     if args.quantize:
         quantize_int8(fp32_path, model_path)
         for name in (FP32_SCRATCH, f"{FP32_SCRATCH}.data"):
-            if os.path.exists(os.path.join(folder, name)):
-                os.remove(os.path.join(folder, name))
+            remove_quietly(os.path.join(folder, name))
         int8_check = check_graph(model_path, model.config, trained, check)
         require_accuracy(int8_check, args.max_accuracy_drop)
         report = {"precision": "int8", "check": int8_check, "fp32_check": fp32_check}

@@ -199,15 +199,18 @@ class PieceRunner:
     def log_probs(self, member: Member, batches: list[dict], order: torch.Tensor) -> torch.Tensor:
         """The member's log-probabilities of the pairs `[count, labels]`, in piece order (`order[k]`: the piece
         position of the k-th pair of the batches)."""
-        out = torch.empty(len(order), member.model.config.num_labels)
-        done = 0
+        # Filled on the device and copied to the host once: a copy per batch would wait for each batch's forward.
+        device = self.accelerator.device
+        out = torch.empty(len(order), member.model.config.num_labels, device=device)
+        order, done = order.to(device), 0
         with torch.inference_mode(), inference_autocast(self.accelerator):
             for batch in batches:
                 size = len(batch["input_ids"])
-                batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-                out[order[done:done + size]] = member.model(**batch).logits.float().log_softmax(dim=-1).cpu()
+                batch = {k: v.to(device) for k, v in batch.items()}
+                logits = member.model(**batch).logits
+                out[order[done:done + size]] = logits.float().log_softmax(dim=-1).to(device)
                 done += size
-        return out
+        return out.cpu()
 
     def result(self, piece: int, examples: list[PairExample], probs: torch.Tensor, loss_sum: float) -> PieceResult:
         pred_ids = probs.argmax(dim=-1).tolist()
@@ -226,7 +229,3 @@ class PieceRunner:
 
 def _as_is(item):
     return item
-
-
-def pieces_needed(count: int, piece_size: int) -> int:
-    return math.ceil(count / piece_size)

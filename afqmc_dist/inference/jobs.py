@@ -15,17 +15,16 @@ from ..distributed import on_main
 from ..evaluation import metrics_of_counts
 from ..outputs import clue_file_name, is_clue_file
 from .engine import PieceRunner
-from .pieces import Pieces
+from .pieces import Pieces, job_description
 
 
 @dataclass
 class Done:
-    """How a prediction went: pairs, pieces done before (kept) and computed now, seconds of this run."""
+    """How a prediction went: pairs, pieces, those done before (kept), seconds of this run."""
 
     pairs: int
     pieces: int
     kept: int
-    computed: int
     seconds: float
 
     @property
@@ -42,15 +41,17 @@ def _bar(runner: PieceRunner, desc: str, initial: int):
                 disable=not runner.accelerator.is_local_main_process)
 
 
-def predict_to_file(runner: PieceRunner, output: str, job: dict, restart: bool, task_name: str | None,
-                    stop_requests=None, desc: str = "predict") -> tuple[list[str], Done]:
+def predict_to_file(runner: PieceRunner, output: str, model_folders: list[str], restart: bool,
+                    task_name: str | None, stop_requests=None, desc: str = "predict") -> tuple[list[str], Done]:
     """Predict every pair into OUTPUT (and the CLUE file beside it, named for `task_name`, when every line has an
-    id), through OUTPUT.parts/ (pieces.py): complete pieces of an earlier attempt are kept. Returns the paths
-    written and how it went. A CLUE file of an earlier prediction in OUTPUT's folder is removed once the new files
-    are in place (with `task_name`: OUTPUT_DIR's predictions). A stop signal (`stop_requests`, preemption.py) ends
-    it at once, its line saying where the pieces done are kept."""
+    id), through OUTPUT.parts/ (pieces.py): complete pieces of an earlier attempt of the same job (the same input,
+    `model_folders` and settings) are kept. Returns the paths written and how it went. A CLUE file of an earlier
+    prediction in OUTPUT's folder is removed once the new files are in place (with `task_name`: OUTPUT_DIR's
+    predictions). A stop signal (`stop_requests`, preemption.py) ends it at once, its line saying where the pieces
+    done are kept."""
     accelerator, index = runner.accelerator, runner.index
-    pieces = Pieces(output, job)
+    # The pieces are the main process's, and describing the job hashes every model file: there only.
+    pieces = Pieces(output, job_description(runner, model_folders) if accelerator.is_main_process else {})
 
     def open_pieces() -> list[int]:
         pieces.open(restart)
@@ -87,7 +88,7 @@ def predict_to_file(runner: PieceRunner, output: str, job: dict, restart: bool, 
         return written
 
     written = on_main(accelerator, assemble)
-    return written, Done(index.count, index.pieces, len(kept), len(todo), time.perf_counter() - started)
+    return written, Done(index.count, index.pieces, len(kept), time.perf_counter() - started)
 
 
 def predict_to_stdout(runner: PieceRunner) -> Done:
@@ -100,7 +101,7 @@ def predict_to_stdout(runner: PieceRunner) -> Done:
                 for result in results:
                     _write_stdout(result.lines)
                     bar.update(result.count)
-    return Done(runner.index.count, runner.index.pieces, 0, runner.index.pieces, time.perf_counter() - started)
+    return Done(runner.index.count, runner.index.pieces, 0, time.perf_counter() - started)
 
 
 def _write_stdout(lines: list[str]) -> None:

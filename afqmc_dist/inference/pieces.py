@@ -45,17 +45,18 @@ def model_fingerprint(folder: str) -> str:
     return digest.hexdigest()
 
 
-def job_description(index, model_folders: list[str], accelerator, batch_size: int, max_length: int,
-                    keys: list[str]) -> dict:
-    """What a prediction's pieces belong to: every input of a byte of OUTPUT (the input, the model or the models of
-    an ensemble, in order, the piece size, and what changes a probability's last digit: device, precision, batch
-    size, max length), and the JSON keys."""
+def job_description(runner, model_folders: list[str]) -> dict:
+    """What the pieces of `runner`'s prediction belong to: every input of a byte of OUTPUT (the input, the model or
+    the models of an ensemble, in order, the piece size, and what changes a probability's last digit: device,
+    precision, batch size, max length), and the JSON keys. It reads every model file: main process only."""
+    index, accelerator, schema = runner.index, runner.accelerator, runner.schema
     fingerprints = [model_fingerprint(folder) for folder in model_folders]
     model = fingerprints[0] if len(fingerprints) == 1 else hashlib.sha256(" ".join(fingerprints).encode()).hexdigest()
     return {"input": {"sha256": index.sha256, "pairs": index.count}, "model": model,
             "piece_size": index.piece_size, "device": accelerator.device.type,
-            "precision": accelerator.mixed_precision, "batch_size": batch_size, "max_seq_length": max_length,
-            "keys": keys}
+            "precision": accelerator.mixed_precision, "batch_size": runner.batch_size,
+            "max_seq_length": runner.members[0].encoder.max_length,
+            "keys": [schema.sentence1_key, schema.sentence2_key, schema.id_key]}
 
 
 class Pieces:

@@ -137,15 +137,17 @@ def _validate(path: str, kfold: KFold):
     """The first fold's run options validated as train.py validates them (the fold files are not written yet:
     the training file stands in for them, with the same checks); returns the RunConfig."""
     from ..config import RunConfig
-    from ..loading import check_folder
+    from ..loading import check_folder as check_model_folder
+    from ..sweep.runs import trial_dir
 
     spec = kfold.spec()
-    output_dir = os.path.join(kfold.runs_dir, "trials", "0000", f"seed-{kfold.seed}")
+    output_dir = os.path.join(trial_dir(kfold.runs_dir, 0), f"seed-{kfold.seed}")
     run_config = RunConfig(**spec.options_for(kfold.train_file, kfold.train_file, kfold.seed, output_dir))
     try:
         run_config.validate()
         # A missing model folder would fail every fold in turn, each after its start-up.
-        check_folder(run_config.model_checkpoint, f"--model_checkpoint {run_config.model_checkpoint}", hub_allowed=True)
+        model = run_config.model_checkpoint
+        check_model_folder(model, f"--model_checkpoint {model}", hub_allowed=True)
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
     return run_config

@@ -23,7 +23,7 @@ import statistics
 from dataclasses import dataclass
 
 from ..errors import UserError, first_line
-from ..files import atomic_open, write_json, write_jsonl
+from ..files import atomic_open, read_jsonl, write_json, write_jsonl
 from ..outputs import BEST_DIR, PREDICTIONS, RESULTS
 from .folder import CV_MD, ENSEMBLE_JSON, OOF_PREDICTIONS, folder_lock
 
@@ -72,8 +72,7 @@ def _fold_predictions(kfold, fold: int, run: str) -> list[dict]:
     path = os.path.join(run, PREDICTIONS)
     pairs = [example.raw for example, f in zip(kfold.examples, kfold.fold_of) if f == fold]
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = [json.loads(line) for line in f if line.strip()]
+        lines = read_jsonl(path)
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot read it ({first_line(e)})") from None
     if len(lines) != len(pairs):

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 from filelock import FileLock
 
-from ..errors import EXIT_NONFINITE, EXIT_STOPPED, EXIT_USER, TrainingStopped, UserError
+from ..errors import EXIT_INTERNAL, EXIT_NONFINITE, EXIT_STOPPED, EXIT_USER, TrainingStopped, UserError
 from ..sweep.ledger import Ledger
+from ..sweep.runs import trial_dir
 from ..sweep.study import LOCK_FILE
 from .spec import FOLD_PARAM
 
@@ -66,13 +67,13 @@ def check_all_done(runs: FoldRuns, folds: int, runs_dir: str, seed: int) -> None
     """Raise unless every fold has a complete run: the first failed fold's own error (its run's exit status
     decides the k-fold's: 2 bad input, 1 a NaN loss, else 4), or a stop (status 3) for folds still unfinished."""
     for fold, slot in sorted(runs.failed.items()):
-        run = os.path.join(runs_dir, "trials", f"{slot:04d}", f"seed-{seed}")
+        run = os.path.join(trial_dir(runs_dir, slot), f"seed-{seed}")
         try:
             with open(f"{run}.json", encoding="utf-8") as f:
                 record = json.load(f)
             status, line = int(record["status"]), str(record.get("line") or "no message")
         except (OSError, ValueError, KeyError, TypeError):
-            status, line = 4, "no record of how it ended"
+            status, line = EXIT_INTERNAL, "no record of how it ended"
         message = (f"fold {fold}'s run failed ({line.removeprefix('error: ')}; log: {run}.log): the k-fold cannot "
                    "be completed in this folder; fix the cause and use a new --output_dir")
         if status == EXIT_USER:

@@ -23,7 +23,7 @@ class WeightAverage:
     """The EMA of the prepared `model`'s weights. Create it before a checkpoint is loaded (resume)."""
 
     def __init__(self, accelerator, model, decay: float):
-        self.accelerator, self.decay = accelerator, decay
+        self.accelerator = accelerator
         self.averaged = AveragedModel(accelerator.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(decay),
                                       use_buffers=False)
         accelerator.register_for_checkpointing(self.averaged)

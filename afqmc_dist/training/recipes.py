@@ -24,10 +24,10 @@ SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 class Recipes:
     """What --class_weights, --label_smoothing, --rdrop_alpha, --adversarial and --ema_decay add to training.
     Create it after `accelerator.prepare(model, ...)` and before a checkpoint is loaded (the average is saved in
-    checkpoints)."""
+    checkpoints). A sharded engine that cannot run them was refused before (`check_engine`, from
+    engine.make_accelerator)."""
 
     def __init__(self, cfg, accelerator, model, class_weights: list[float] | None):
-        check_engine(cfg, accelerator.distributed_type)
         self.cfg, self.accelerator = cfg, accelerator
         self.objective = Objective.of(cfg, class_weights, accelerator.device)
         self.fgm = FGM(accelerator, model, cfg.adversarial_epsilon) if cfg.adversarial == "fgm" else None
