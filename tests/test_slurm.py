@@ -161,7 +161,8 @@ def quickstart_args(model: Path, out: Path, *extra) -> list:
 
 def training_processes(*markers: str, env: dict | None = None) -> list[psutil.Process]:
     """The processes running train.py with every marker in their command line (and `env` in their environment):
-    the training processes themselves, not the launchers or shells above them."""
+    the training processes themselves, not the launchers or shells above them. Each one's `info["cmdline"]` is the
+    command line that matched."""
     found = []
     for process in psutil.process_iter(["cmdline"]):
         words = process.info["cmdline"] or []
@@ -404,7 +405,9 @@ def test_a_cancelled_array_task_leaves_its_trial_queued_again_and_a_rerun_finish
             f"task 1 never started a run:\n{tail(first / 'task-1.log')}"
         time.sleep(0.01)
     (run,) = held
-    config = Path(next(w for w in run.cmdline() if w.endswith(".yaml")))  # the trial's run options: seed-1.yaml
+    # The trial's run options (seed-1.yaml), from the command line that matched: read again, it can be empty for an
+    # instant while the sweep's watcher wrapper execs into the run (the kernel swaps in the new arguments last).
+    config = Path(next(w for w in run.info["cmdline"] if w.endswith(".yaml")))
     pause_when_training(config.with_suffix("") / "metrics.jsonl", str(sweep_dir), env={"SLURM_ARRAY_TASK_ID": "1"})
     assert cluster.wait(f"{job}_0", first / "task-0.log")["JobState"] == "COMPLETED"
     cluster.command("scancel", f"{job}_1")
