@@ -329,6 +329,31 @@ def test_workers_started_together_and_a_rerun_draw_new_configurations(small_mode
     assert json.loads((sweep_dir / "workers.json").read_text()) == {"started": 3}
 
 
+def test_the_workers_of_a_seeded_grid_take_each_point_once(small_model, tmp_path):
+    """Optuna's GridSampler gives trial N the N-th point of the grid as its seed shuffles it: workers drawing with
+    seeds of their own (before: S, S + 1) shuffled it each their way, and ran some points twice and others never."""
+    from afqmc_dist.sweep.load import load_sweep
+    from afqmc_dist.sweep.study import open_sweep
+
+    sweep_dir = tmp_path / "sweep"
+    space = {"learning_rate": [1e-4, 3e-4, 1e-3, 3e-3], "warmup_proportion": [0.0, 0.1]}
+    sweep_file = quick_sweep(tmp_path, small_model, n_trials=8, seeds=[1], search_space=space,
+                             sampler={"type": "grid", "seed": 3})
+    spec = load_sweep(str(sweep_file), str(sweep_dir))
+    # Two worker processes' studies on one SQLite storage, taking trials in turn, as two workers do.
+    workers = [open_sweep(spec, str(sweep_dir), None, worker=True)[1] for _ in range(2)]
+    drawn = []
+
+    def objective(trial) -> float:
+        drawn.append(tuple(p.suggest(trial) for p in spec.space))
+        return 0.5
+
+    for number in range(8):
+        workers[number % 2].optimize(objective, n_trials=1)
+    assert sorted(drawn) == sorted((lr, warmup) for lr in space["learning_rate"]
+                                   for warmup in space["warmup_proportion"])
+
+
 def test_a_full_disk_ends_the_worker_in_one_line_and_the_same_command_continues_once_there_is_space(
         small_model, small_disk, tmp_path):
     """The disk under the sweep folder fills up while a trial trains. Before: ~90 lines of tracebacks from the

@@ -20,7 +20,9 @@ folders belong to another study, is refused: its checkpoints would be resumed as
 Sampler seeds. A sweep file's `sampler: {seed: S}` makes the FIRST worker process of a study draw with seed S
 (one worker on a new study repeats exactly); the n-th process to start on the study (a second machine running the
 same command, a rerun after a stop, a SLURM array task) draws with S + n, so no two draw the same
-configurations. Each trial records the seed it was drawn with (user attribute `sampler_seed`).
+configurations. Each trial records the seed it was drawn with (user attribute `sampler_seed`). A grid is the
+exception: Optuna's GridSampler gives trial N the N-th point of the grid as shuffled by its seed, so every worker
+keeps the sweep file's seed (the same order everywhere: each trial number is another point).
 """
 
 from __future__ import annotations
@@ -168,7 +170,7 @@ def _check_folder(spec: SweepSpec, sweep_dir: str, storage: str | None) -> str:
 
 def _claim_sampler_seed(spec: SweepSpec, sweep_dir: str) -> int | None:
     """This worker process's sampler seed: the sweep file's plus the number of workers started before it (see the
-    module docstring). None when the sweep file gives no seed."""
+    module docstring). None when the sweep file gives no seed, and for a grid (every worker shuffles it alike)."""
     path = os.path.join(sweep_dir, WORKERS_JSON)
     try:
         with open(path, encoding="utf-8") as f:
@@ -179,7 +181,7 @@ def _claim_sampler_seed(spec: SweepSpec, sweep_dir: str) -> int | None:
         raise UserError(f"{path}: cannot read it ({first_line(e)}); remove it to count worker starts afresh") from None
     _write(path, json.dumps({"started": started + 1}) + "\n")
     base = spec.sampler_seed
-    return None if base is None else (base + started) % 2**32
+    return None if base is None or spec.sampler["type"] == "grid" else (base + started) % 2**32
 
 
 def _open_study(spec: SweepSpec, url: str):
