@@ -168,16 +168,17 @@ class PairCollator:
             width = max(width, min(rounded, self.max_length or rounded))
         input_ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+        token_type_ids = torch.zeros((len(items), width), dtype=torch.long) if self.token_types else None
         for row, (item, length) in enumerate(zip(items, lengths)):
             input_ids[row, :length] = item["input_ids"]
             attention_mask[row, :length] = 1
+            if token_type_ids is not None:
+                token_type_ids[row, :length] = item["token_type_ids"]
         batch = {"input_ids": input_ids, "attention_mask": attention_mask,
                  "index": torch.tensor([item["index"] for item in items]),
                  "weight": torch.tensor([item.get("weight", 1.0) for item in items])}
-        if self.token_types:
-            batch["token_type_ids"] = token_type_ids = torch.zeros((len(items), width), dtype=torch.long)
-            for row, (item, length) in enumerate(zip(items, lengths)):
-                token_type_ids[row, :length] = item["token_type_ids"]
+        if token_type_ids is not None:
+            batch["token_type_ids"] = token_type_ids
         if all(item["label"] is not None for item in items):
             batch["labels"] = torch.tensor([item["label"] for item in items])
         return batch

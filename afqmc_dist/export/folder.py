@@ -20,8 +20,9 @@ from ..files import make_missing_dirs, remove_empty_dirs, replace_dir, write_err
 from . import MODEL_FILE, REPORT
 
 
-def is_export_folder(folder: str | os.PathLike) -> bool:
-    """A folder this command wrote: its model and, written last, its report."""
+def is_exported(folder: str | os.PathLike) -> bool:
+    """Whether `folder` is an export written by `python -m afqmc_dist.export`: its model and, written last, its
+    report."""
     return os.path.isfile(os.path.join(folder, REPORT)) and os.path.isfile(os.path.join(folder, MODEL_FILE))
 
 
@@ -30,7 +31,7 @@ def check_output_dir(path: str) -> None:
     where = f"--output_dir {path}"
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{where} is a file, not a folder")
-    if os.path.isdir(path) and os.listdir(path) and not is_export_folder(path):
+    if os.path.isdir(path) and os.listdir(path) and not is_exported(path):
         shown = ", ".join(sorted(os.listdir(path))[:5])
         raise UserError(f"{where} holds other files ({shown}{', ...' if len(os.listdir(path)) > 5 else ''}) and "
                         "is not an earlier export: give a new or empty folder")

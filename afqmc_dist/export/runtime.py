@@ -22,14 +22,9 @@ import torch
 
 from ..errors import UserError
 from . import MODEL_FILE, REPORT
-from .folder import is_export_folder
+from .folder import is_exported
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
-
-
-def is_exported(folder: str | os.PathLike) -> bool:
-    """Whether `folder` is an export written by `python -m afqmc_dist.export` (model.onnx + export_report.json)."""
-    return is_export_folder(folder)
 
 
 def import_onnxruntime():

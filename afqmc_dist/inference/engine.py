@@ -207,8 +207,7 @@ class PieceRunner:
             for batch in batches:
                 size = len(batch["input_ids"])
                 batch = {k: v.to(device) for k, v in batch.items()}
-                logits = member.model(**batch).logits
-                out[order[done:done + size]] = logits.float().log_softmax(dim=-1).to(device)
+                out[order[done:done + size]] = member.model(**batch).logits.float().log_softmax(dim=-1)
                 done += size
         return out.cpu()
 
